@@ -1,0 +1,72 @@
+"""Put a graph in the form the analysis expects, without changing what it computes.
+
+- Constant nodes become initializers, so every literal has a name the rewrite can replace.
+- Each use of a small integer constant gets its own copy: exporters share one `[2]` between a
+  kv-head count, a group size and an Unsqueeze axis, and those must be free to change separately.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from .shapeflow import SMALL_INT_TENSOR
+
+INT_TYPES = (ir.DataType.INT64, ir.DataType.INT32)
+
+
+def lift_constants(graph: ir.Graph) -> None:
+    for node in list(graph):
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+            continue
+        out = node.outputs[0]
+        name = next(iter(node.attributes))
+        a = node.attributes[name].value
+        if name == "value":
+            tensor = a
+        elif name in ("value_int", "value_float"):
+            tensor = ir.tensor(np.array(a, dtype=np.int64 if name == "value_int" else np.float32))
+        elif name in ("value_ints", "value_floats"):
+            tensor = ir.tensor(np.array(list(a), dtype=np.int64 if name == "value_ints" else np.float32))
+        else:
+            continue  # sparse or string constants stay as they are
+        value = ir.Value(name=unique_name(graph, out.name or "const"), shape=ir.Shape(tensor.shape),
+                         type=ir.TensorType(tensor.dtype), const_value=tensor)
+        graph.register_initializer(value)
+        out.replace_all_uses_with(value)
+        if out.is_graph_output():
+            continue  # keep the node: a graph output must be produced by a node
+        graph.remove(node, safe=True)
+
+
+def unique_name(graph: ir.Graph, base: str) -> str:
+    taken = graph.meta.setdefault("onnxgrow_names", None)
+    if taken is None:
+        taken = {v.name for n in graph for v in n.outputs} | set(graph.initializers) | {
+            v.name for v in graph.inputs}
+        graph.meta["onnxgrow_names"] = taken
+    name, i = base, 0
+    while name in taken:
+        i += 1
+        name = f"{base}__{i}"
+    taken.add(name)
+    return name
+
+
+def unshare_small_ints(graph: ir.Graph) -> None:
+    for name, value in list(graph.initializers.items()):
+        t = value.const_value
+        if t.dtype not in INT_TYPES or t.size > SMALL_INT_TENSOR or value.is_graph_input():
+            continue
+        uses = list(value.uses())
+        for node, index in uses[1:]:
+            copy = ir.Value(name=unique_name(graph, name), shape=ir.Shape(t.shape),
+                            type=ir.TensorType(t.dtype), const_value=ir.tensor(t.numpy().copy()))
+            graph.register_initializer(copy)
+            node.replace_input_with(index, copy)
+
+
+def normalize(model: ir.Model) -> ir.Model:
+    lift_constants(model.graph)
+    unshare_small_ints(model.graph)
+    return model

@@ -1,0 +1,506 @@
+"""Find the transformer in a graph: embeddings, blocks (norms, attention, FFN), final norm, LM head.
+
+The matcher works on dataflow only. Attention is a Softmax between two activation MatMuls; its
+projections are the weight MatMuls reached by walking back from Q, K and V and forward from the
+output. FFNs are the remaining weight MatMuls, paired by walking back from each down projection.
+Norms are LayerNormalization ops or their decomposed forms. The result, a `TransformerSpec`, also
+names the model dimensions (hidden, heads, kv_heads, head_dim, ffn, vocab) as Dims of the analysis,
+so every pass resizes the same symbols.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from .dims import Dim, atoms, factors, same
+from .errors import UnsupportedGraph
+from .normalize import normalize
+from .shapeflow import ShapeFlow, VIEW_THROUGH, analyse
+
+PASS_THROUGH = {"Cast", "Dropout", "Identity"}
+RESHAPES = {"Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand"}
+
+
+@dataclass
+class Norm:
+    kind: str  # "layernorm" | "rmsnorm"
+    input: ir.Value
+    output: ir.Value
+    scale: str | None = None  # initializer names of the affine parameters
+    bias: str | None = None
+
+
+@dataclass
+class Attention:
+    softmax: ir.Node
+    q_proj: ir.Node
+    k_proj: ir.Node
+    v_proj: ir.Node
+    o_proj: ir.Node
+    fused_qkv: bool
+
+
+@dataclass
+class FFN:
+    up: ir.Node
+    down: ir.Node
+    gate: ir.Node | None = None
+
+
+@dataclass
+class Block:
+    attention: Attention
+    ffn: FFN | None = None
+    norms: list[Norm] = field(default_factory=list)
+
+
+@dataclass
+class TransformerSpec:
+    model: ir.Model
+    flow: ShapeFlow
+    hidden: Dim
+    heads: Dim
+    kv_heads: Dim
+    group: Dim | None
+    head_dim: Dim
+    vocab: Dim
+    ffn: list[Dim]
+    token_embedding: ir.Value
+    position_embedding: ir.Value | None
+    blocks: list[Block]
+    final_norm: Norm | None
+    lm_head: ir.Node | None
+    tied_embeddings: bool
+    norm: str
+    norm_position: str
+    positional: str
+    activation: str
+    parallel_residual: bool
+
+    def config(self) -> dict:
+        """The configuration, in the terms of `onnxgrow inspect --json`."""
+        g = self.model.graph
+        return {
+            "hidden_size": self.hidden.size,
+            "num_layers": len(self.blocks),
+            "num_heads": self.heads.size,
+            "num_kv_heads": self.kv_heads.size,
+            "head_dim": self.head_dim.size,
+            "ffn_size": self.ffn[0].size if self.ffn else None,
+            "vocab_size": self.vocab.size,
+            "max_positions": self.position_embedding.const_value.shape[0] if self.position_embedding else None,
+            "norm": self.norm,
+            "norm_position": self.norm_position,
+            "positional": self.positional,
+            "tied_embeddings": self.tied_embeddings,
+            "activation": self.activation,
+            "parallel_residual": self.parallel_residual,
+            "num_parameters": count_parameters(self),
+            "opset": g.opset_imports.get("", None),
+        }
+
+
+# --- small graph helpers ------------------------------------------------------------------------
+
+def weight_of(flow: ShapeFlow, node: ir.Node):
+    """The (initializer, input index) of a MatMul/Gemm whose one operand is a weight, else None."""
+    if node.op_type not in ("MatMul", "Gemm"):
+        return None
+    for i in (1, 0):
+        init, _ = flow.source_initializer(node.inputs[i])
+        if init is not None and len(init.const_value.shape) == 2:
+            return init, i
+    return None
+
+
+def producers_back(value: ir.Value, stop):
+    """Walk back from `value` over producers; `stop(node)` ends a branch (and is collected)."""
+    found, seen, todo = [], set(), deque([value])
+    while todo:
+        v = todo.popleft()
+        node = v.producer() if v is not None else None
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if stop(node):
+            found.append(node)
+            continue
+        todo.extend(i for i in node.inputs if i is not None and not i.is_initializer())
+    return found
+
+
+def consumers_forward(value: ir.Value, stop):
+    found, seen, todo = [], set(), deque([value])
+    while todo:
+        v = todo.popleft()
+        for node in v.consumers():
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if stop(node):
+                found.append(node)
+                continue
+            todo.extend(node.outputs)
+    return found
+
+
+def skip_view(value: ir.Value) -> ir.Value:
+    while value.producer() is not None and value.producer().op_type in PASS_THROUGH:
+        value = value.producer().inputs[0]
+    return value
+
+
+def ids_source(value: ir.Value) -> ir.Value:
+    """Where a tensor of ids comes from, looking through reshapes of the same ids."""
+    while value.producer() is not None and value.producer().op_type in PASS_THROUGH | RESHAPES:
+        value = value.producer().inputs[0]
+    return value
+
+
+def is_activation(flow: ShapeFlow, v: ir.Value | None) -> bool:
+    return v is not None and flow.source_initializer(v)[0] is None
+
+
+# --- the matcher ----------------------------------------------------------------------------------
+
+def find_structure(model: ir.Model, flow: ShapeFlow | None = None) -> TransformerSpec:
+    flow = flow or analyse(model)
+    g = model.graph
+    is_proj = lambda n: weight_of(flow, n) is not None
+    missing = []
+
+    # embeddings: Gathers of rank-2 float tables by integer ids
+    gathers = []
+    for node in g:
+        if node.op_type == "Gather" and node.inputs[0].is_initializer() and attr_axis(node) == 0:
+            t = node.inputs[0].const_value
+            if len(t.shape) == 2 and t.dtype.is_floating_point():
+                gathers.append(node)
+    direct = [n for n in gathers if ids_source(n.inputs[1]).is_graph_input()]
+    if not direct:
+        raise UnsupportedGraph("no token embedding found (a Gather of a 2-D float table by input ids)")
+    token = max(direct, key=lambda n: n.inputs[0].const_value.shape[0])
+    hidden = flow.dims[token.inputs[0]][1].root()
+    vocab = flow.dims[token.inputs[0]][0].root()
+    others = [n for n in gathers if n is not token and same(flow.dims[n.inputs[0]][1], hidden)]
+    pos_gathers = positionals(others)
+
+    # attention: Softmax over scores = MatMul(Q, K^T) of two activations
+    attentions = []
+    for node in g:
+        if node.op_type != "Softmax":
+            continue
+        scores = producers_back(node.inputs[0], lambda n: n.op_type == "MatMul")
+        if len(scores) != 1 or not all(is_activation(flow, v) for v in scores[0].inputs):
+            continue
+        qk = scores[0]
+        pv = consumers_forward(node.outputs[0], lambda n: n.op_type == "MatMul")
+        if len(pv) != 1:
+            continue
+        q_proj = producers_back(qk.inputs[0], is_proj)
+        k_proj = producers_back(qk.inputs[1], is_proj)
+        v_proj = producers_back(pv[0].inputs[1], is_proj)
+        o_proj = consumers_forward(pv[0].outputs[0], is_proj)
+        if not (len(q_proj) == len(k_proj) == len(v_proj) == len(o_proj) == 1):
+            missing.append(f"attention at Softmax {node.name!r}: projections not found")
+            continue
+        fused = q_proj[0] is k_proj[0]
+        attentions.append((Attention(node, q_proj[0], k_proj[0], v_proj[0], o_proj[0], fused), qk, pv[0]))
+    if not attentions:
+        raise UnsupportedGraph("no attention found (Softmax between two activation MatMuls)"
+                               + (": " + "; ".join(missing) if missing else ""))
+
+    # head geometry from the first attention: Q is [..., heads, seq, head_dim]
+    att, qk, _ = attentions[0]
+    qshape = flow.dims[qk.inputs[0]]
+    head_dim = qshape[-1].root()
+    head_factors = [f for d in qshape[:-2] for f in factors(d) if f.size not in (None, 1)]
+    if not head_factors:
+        raise UnsupportedGraph(f"cannot find the head axis of attention {att.softmax.name!r}")
+    k_weight = weight_of(flow, att.k_proj)[0]
+    k_out_axis = out_axis(flow, att.k_proj)
+    k_atoms = {id(a) for a in atoms(flow.dims[k_weight][k_out_axis])}
+    kv_part = [f for f in head_factors if id(f.root()) in k_atoms]
+    group_part = [f for f in head_factors if id(f.root()) not in k_atoms]
+    if len(kv_part) != 1 or len(group_part) > 1:
+        raise UnsupportedGraph(f"cannot tell query heads from key/value heads at {att.softmax.name!r}")
+    kv_heads = kv_part[0].root()
+    group = group_part[0].root() if group_part else None
+    heads = kv_heads if group is None else Dim(None)
+    if group is not None:
+        heads.kind, heads.parts = "prod", [kv_heads, group]
+
+    # norms anywhere in the graph, keyed by the value they normalise
+    norms = find_norms(g, flow, hidden)
+    norm_by_output = {id(n.output): n for n in norms}
+
+    attention_nodes = {id(n) for a, _, _ in attentions for n in (a.q_proj, a.k_proj, a.v_proj, a.o_proj)}
+    projections = [n for n in g if is_proj(n) and id(n) not in attention_nodes]
+    downs = []
+    for n in projections:
+        w, i = weight_of(flow, n)
+        if not same(contracted_dim(flow, n), hidden) and same(flow.dims[n.outputs[0]][-1], hidden):
+            downs.append(n)
+    ffns = []
+    for down in downs:
+        ups = producers_back(down.inputs[0] if weight_of(flow, down)[1] == 1 else down.inputs[1], is_proj)
+        ups = [u for u in ups if id(u) not in attention_nodes]
+        if len(ups) == 1:
+            ffns.append(FFN(up=ups[0], down=down))
+        elif len(ups) == 2:
+            gate, up = order_gate(ups)
+            ffns.append(FFN(up=up, down=down, gate=gate))
+    ffn_nodes = {id(n) for f in ffns for n in (f.up, f.down, f.gate) if n is not None}
+
+    blocks = []
+    order = {id(n): i for i, n in enumerate(g)}
+    ffns.sort(key=lambda f: order[id(f.down)])
+    for i, (att, _, _) in enumerate(attentions):
+        nxt = order[id(attentions[i + 1][0].softmax)] if i + 1 < len(attentions) else len(order)
+        mine = [f for f in ffns if order[id(att.softmax)] < order[id(f.down)] < nxt]
+        blocks.append(Block(att, mine[0] if len(mine) == 1 else None))
+    if any(b.ffn is None for b in blocks):
+        missing.append("a block without a recognisable FFN")
+
+    # the LM head: a remaining projection from hidden to something that is not hidden
+    heads_out = [n for n in projections if id(n) not in ffn_nodes and same(contracted_dim(flow, n), hidden)
+                 and not same(flow.dims[n.outputs[0]][-1], hidden)]
+    lm_head = heads_out[-1] if heads_out else None
+    tied = False
+    if lm_head is not None:
+        lm_weight = weight_of(flow, lm_head)[0]
+        tied = lm_weight is token.inputs[0] or same_values(lm_weight, token.inputs[0])
+
+    # norms of each block, and where they sit
+    def norm_before(value):
+        found = producers_back(value, lambda n: any(o is x.output for x in norms for o in n.outputs))
+        for n in found:
+            for o in n.outputs:
+                if id(o) in norm_by_output:
+                    return norm_by_output[id(o)]
+        return None
+
+    for b in blocks:
+        for proj in (b.attention.q_proj, b.ffn.up if b.ffn else None):
+            if proj is None:
+                continue
+            norm = norm_before(proj.inputs[0] if weight_of(flow, proj)[1] == 1 else proj.inputs[1])
+            if norm is not None and norm not in b.norms:
+                b.norms.append(norm)
+    final_norm = norm_before(lm_head.inputs[0]) if lm_head is not None else None
+    if final_norm is not None and any(final_norm is n for b in blocks for n in b.norms):
+        final_norm = None
+    norm_kind = norms[0].kind if norms else "none"
+    norm_position = position_of_norms(flow, blocks)
+    # parallel residual (GPT-NeoX, GPT-J): attention and FFN read the same residual value
+    parallel = bool(norm_position == "pre" and len(blocks[0].norms) == 2
+                    and residual_input(blocks[0].norms[0]) is residual_input(blocks[0].norms[1]))
+    spec = TransformerSpec(
+        model=model, flow=flow, hidden=hidden, heads=heads, kv_heads=kv_heads, group=group,
+        head_dim=head_dim, vocab=vocab, ffn=[flow.dims[b.ffn.down.inputs[1 - weight_of(flow, b.ffn.down)[1]]][-1].root()
+                                            for b in blocks if b.ffn],
+        token_embedding=token.inputs[0],
+        position_embedding=pos_gathers[0].inputs[0] if pos_gathers else None,
+        blocks=blocks, final_norm=final_norm, lm_head=lm_head, tied_embeddings=tied, norm=norm_kind,
+        norm_position=norm_position, positional="learned" if pos_gathers else (
+            "rotary" if has_rotation(blocks[0].attention) else "none"),
+        activation=activation_of(blocks[0].ffn) if blocks[0].ffn else "none",
+        parallel_residual=parallel)
+    if missing:
+        raise UnsupportedGraph("; ".join(missing))
+    assign_roles(spec)
+    return spec
+
+
+def attr_axis(node):
+    a = node.attributes.get("axis")
+    return 0 if a is None else a.value
+
+
+def out_axis(flow, node) -> int:
+    """Axis of the weight that is the projection's output (the one not contracted)."""
+    w, _ = weight_of(flow, node)
+    contracted = flow.contracted.get(w.name, set())
+    return 1 - next(iter(contracted)) if contracted else 1
+
+
+def contracted_dim(flow, node) -> Dim:
+    w, _ = weight_of(flow, node)
+    axis = 1 - out_axis(flow, node)
+    return flow.dims[w][axis]
+
+
+def order_gate(ups):
+    """In a gated FFN the gate is the projection whose output goes through the nonlinearity."""
+    def through_nonlinearity(n):
+        return any(c.op_type in ("Sigmoid", "Gelu", "Erf", "Tanh", "Relu", "FastGelu")
+                   for c in n.outputs[0].consumers())
+    a, b = ups
+    return (a, b) if through_nonlinearity(a) else (b, a)
+
+
+def same_values(a: ir.Value, b: ir.Value) -> bool:
+    ta, tb = a.const_value, b.const_value
+    if ta.size != tb.size:
+        return False
+    x, y = ta.numpy(), tb.numpy()
+    return (x.shape == y.shape and np.array_equal(x, y)) or (x.shape == y.T.shape and np.array_equal(x, y.T))
+
+
+def positionals(others):
+    """Learned position tables: looked up by ids computed in the graph (Range, CumSum), or by a
+    position-ids input; token-type tables are tiny (BERT's has 2 rows)."""
+    return [n for n in others if not ids_source(n.inputs[1]).is_graph_input() or
+            n.inputs[0].const_value.shape[0] > 16]
+
+
+def has_rotation(att: Attention) -> bool:
+    """Rotary embeddings rotate half of each head: a Neg on the way from the Q projection to the scores."""
+    seen, todo = set(), deque(att.q_proj.outputs)
+    while todo:
+        v = todo.popleft()
+        for n in v.consumers():
+            if id(n) in seen or n.op_type == "MatMul":
+                continue
+            seen.add(id(n))
+            if n.op_type == "Neg":
+                return True
+            todo.extend(n.outputs)
+    return False
+
+
+def activation_of(ffn: FFN) -> str:
+    ops = set()
+    seen, todo = set(), deque(ffn.up.outputs if ffn.gate is None else ffn.gate.outputs)
+    while todo:
+        v = todo.popleft()
+        for n in v.consumers():
+            if id(n) in seen or n is ffn.down:
+                continue
+            seen.add(id(n))
+            ops.add(n.op_type)
+            if n.op_type == "Gelu" and n.attributes.get("approximate") and n.attributes["approximate"].value == "tanh":
+                ops.add("Tanh")
+            todo.extend(n.outputs)
+    if "Tanh" in ops:
+        return "gelu_new"
+    if "Erf" in ops or "Gelu" in ops:
+        return "gelu"
+    if "Sigmoid" in ops:
+        return "silu"
+    if "Relu" in ops:
+        return "relu"
+    return "unknown"
+
+
+def find_norms(g: ir.Graph, flow: ShapeFlow, hidden: Dim) -> list[Norm]:
+    norms = []
+    for node in g:
+        if node.op_type in ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"):
+            kind = "layernorm" if node.op_type == "LayerNormalization" else "rmsnorm"
+            scale = node.inputs[1].name if len(node.inputs) > 1 and node.inputs[1] is not None else None
+            bias = node.inputs[2].name if len(node.inputs) > 2 and node.inputs[2] is not None else None
+            out, scale2, bias2 = affine_after(flow, node.outputs[0], hidden)
+            norms.append(Norm(kind, node.inputs[0], out, scale or scale2, bias or bias2))
+        elif node.op_type == "ReduceMean":
+            x = node.inputs[0]
+            src = x.producer()
+            consumers = [c for c in node.outputs[0].consumers()]
+            if any(c.op_type == "Sub" and c.inputs[0] is x for c in consumers):
+                # LayerNorm: x - mean(x), divided by the std of that
+                centred = next(c for c in consumers if c.op_type == "Sub").outputs[0]
+                normed = [c for c in centred.consumers() if c.op_type in ("Div", "Mul") and
+                          len(flow.dims.get(c.outputs[0]) or []) == len(flow.dims.get(x) or [])]
+                if normed:
+                    out, scale, bias = affine_after(flow, normed[-1].outputs[0], hidden)
+                    norms.append(Norm("layernorm", x, out, scale, bias))
+            elif src is not None and (src.op_type == "Pow" or (src.op_type == "Mul" and src.inputs[0] is src.inputs[1])):
+                base = src.inputs[0]
+                p = base.producer()
+                if p is not None and p.op_type == "Sub" and p.inputs[1].producer() is not None \
+                        and p.inputs[1].producer().op_type == "ReduceMean":
+                    continue  # the variance inside a decomposed LayerNorm
+                normed = [c for c in base.consumers() if c.op_type in ("Mul", "Div") and c is not src]
+                if normed:
+                    out, scale, bias = affine_after(flow, normed[0].outputs[0], hidden)
+                    norms.append(Norm("rmsnorm", base, out, scale, bias))
+    return norms
+
+
+def affine_after(flow, value, hidden):
+    """Follow the elementwise scale (and shift) by hidden-sized weights that end a norm."""
+    scale = bias = None
+    while True:
+        consumers = value.consumers()
+        if len(consumers) != 1:
+            break
+        n = consumers[0]
+        if n.op_type == "Cast":
+            value = n.outputs[0]
+            continue
+        if n.op_type not in ("Mul", "Add"):
+            break
+        other = n.inputs[1] if n.inputs[0] is value else n.inputs[0]
+        init, _ = flow.source_initializer(other)
+        shape = flow.dims.get(other) or []
+        if init is None or not shape or not same(shape[-1], hidden) or \
+                (n.op_type == "Mul" and scale is not None) or (n.op_type == "Add" and bias is not None):
+            break
+        if n.op_type == "Mul":
+            scale = init.name
+        else:
+            bias = init.name
+        value = n.outputs[0]
+    return value, scale, bias
+
+
+def residual_input(norm: Norm) -> ir.Value:
+    return skip_view(norm.input)
+
+
+def position_of_norms(flow, blocks) -> str:
+    """Pre-norm: the residual Add takes the norm's input. Post-norm: it takes the norm's output."""
+    b = blocks[0]
+    if not b.norms:
+        return "none"
+    norm = b.norms[0]
+    residual_adds = consumers_forward(b.attention.o_proj.outputs[0],
+                                      lambda n: n.op_type == "Add" and all(is_activation(flow, v) for v in n.inputs))
+    if not residual_adds:
+        return "none"
+    add = residual_adds[0]
+    others = [skip_view(v) for v in add.inputs]
+    if skip_view(norm.input) in others:
+        return "pre"
+    return "post"
+
+
+def count_parameters(spec: TransformerSpec) -> int:
+    """Float weights that carry a model dimension (buffers like rotary frequencies are not counted)."""
+    model_dims = {id(d.root()) for d in [spec.hidden, spec.kv_heads, *spec.ffn] + ([spec.group] if spec.group else [])}
+    total, seen = 0, set()
+    for name, v in spec.model.graph.initializers.items():
+        t = v.const_value
+        if not t.dtype.is_floating_point() or len(t.shape) == 0:
+            continue
+        if any(id(a.root()) in model_dims for d in spec.flow.dims[v] for a in atoms(d)):
+            total += t.size
+    return int(total)
+
+
+def assign_roles(spec: TransformerSpec) -> None:
+    spec.hidden.root().role = "hidden"
+    spec.kv_heads.root().role = "kv_heads" if spec.group is not None else "heads"
+    if spec.group is not None:
+        spec.group.root().role = "group"
+    for d in spec.ffn:
+        d.root().role = "ffn"
+
+
+def load_structure(model: ir.Model) -> TransformerSpec:
+    normalize(model)
+    return find_structure(model)
