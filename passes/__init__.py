@@ -1,0 +1,1 @@
+"""Graph passes: each turns a TransformerSpec plus options into resize plans for the shared engine."""
