@@ -12,6 +12,7 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -21,6 +22,7 @@ from .resize import Resizer
 from .structure import TransformerSpec, load_structure
 
 WIDEN_METHODS = ("hypercloning", "fpi", "pad")
+DEEPEN_METHODS = ("identity", "stack", "interleave")
 
 
 def as_ir(model) -> ir.Model:
@@ -79,9 +81,9 @@ def widen_sizes(spec: TransformerSpec, factor: float | None = None, hidden: int 
     return sizes
 
 
-def load_pass(method: str):
-    if method not in WIDEN_METHODS:
-        raise OnnxgrowError(f"unknown method {method!r}; choose one of {', '.join(WIDEN_METHODS)}")
+def load_pass(method: str, choices=WIDEN_METHODS):
+    if method not in choices:
+        raise OnnxgrowError(f"unknown method {method!r}; choose one of {', '.join(choices)}")
     return importlib.import_module(f"passes.{method}")
 
 
@@ -126,3 +128,49 @@ def describe_sizes(spec: TransformerSpec) -> str:
 
 def is_close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-9)
+
+
+def deepen(model, layers: int | None = None, *, factor: int | None = None, method: str = "identity",
+           at: list[int] | None = None, noise: float = 0.0, seed: int = 0) -> onnx.ModelProto:
+    """A deeper model: new blocks are identities (exact), or copies of trained blocks."""
+    return ir.to_proto(deepen_ir(as_ir(model), layers, factor=factor, method=method, at=at,
+                                 noise=noise, seed=seed))
+
+
+def deepen_ir(model: ir.Model, layers=None, *, factor=None, method="identity", at=None, noise=0.0,
+              seed=0) -> ir.Model:
+    from .blocks import block_graphs, insert_after
+    from .resize import set_tensor
+    method_pass = load_pass(method, DEEPEN_METHODS)
+    spec = load_structure(model)
+    num = len(spec.blocks)
+    if layers is not None and factor is not None:
+        raise OnnxgrowError("give --layers or --factor, not both")
+    if layers is None and factor is None and at is None:
+        raise OnnxgrowError("give --layers, --factor or --at")
+    target = layers if layers is not None else num * factor if factor is not None else num + len(at)
+    if at is not None:
+        bad = [p for p in at if not 0 <= p < num]
+        if bad:
+            raise OnnxgrowError(f"--at positions must be block indices 0..{num - 1}, got {bad}")
+        if target != num + len(at):
+            raise OnnxgrowError(f"--at lists {len(at)} new blocks but the target adds {target - num}")
+    if target <= num:
+        raise OnnxgrowError(f"deepen needs more layers than the model's {num}; got {target}")
+    plan = method_pass.plan(spec, target, at)
+    blocks = block_graphs(spec)
+    before = set(model.graph.initializers)
+    zeroed = insert_after(model.graph, blocks, plan)
+    for name in zeroed:
+        v = model.graph.initializers[name]
+        set_tensor(v, np.zeros_like(v.const_value.numpy()))
+    if noise > 0:
+        rng = np.random.default_rng(seed)
+        for name in sorted(set(model.graph.initializers) - before - set(zeroed)):
+            v = model.graph.initializers[name]
+            w = v.const_value.numpy()
+            if w.dtype.kind == "f" and w.ndim >= 1:
+                set_tensor(v, (w + rng.normal(0, noise * float(w.std()), w.shape)).astype(w.dtype))
+    model.metadata_props["onnxgrow.history"] = (
+        model.metadata_props.get("onnxgrow.history", "") + f"deepen:{method}:layers={target};")
+    return model

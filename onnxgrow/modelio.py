@@ -62,11 +62,12 @@ def weight_bytes(model: ir.Model) -> int:
 
 
 def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None,
-         input_paths: tuple[Path, ...] = (), force: bool = False) -> Path:
+         input_paths: tuple[Path, ...] = (), force: bool = False, verify=None) -> Path:
     """Write `model` to `path` atomically, with external data above 2 GB (or when asked).
 
-    The written file is checked with onnx.checker before it is moved into place, so a failed write or a
-    failed check leaves nothing under the output name.
+    The written file is checked with onnx.checker (and by `verify(temp_path)`, when given, which
+    raises to refuse) before it is moved into place, so a failed write or a failed check leaves
+    nothing under the output name.
     """
     path = Path(path)
     guard_output_path(path, input_paths, force)
@@ -82,6 +83,8 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
         ir.save(model, tmp_model, external_data=data_name if external_data else None)
         # the checker reads the file (path form), which works for models of any size
         onnx.checker.check_model(str(tmp_model))
+        if verify is not None:
+            verify(tmp_model)
         if external_data:
             os.replace(tmp_dir / data_name, path.parent / data_name)
         os.replace(tmp_model, path)

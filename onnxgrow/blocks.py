@@ -1,0 +1,175 @@
+"""Transformer blocks as subgraphs of the residual stream, and how to copy one.
+
+A block reads the residual stream at `r_in` and writes it at `r_out`; its nodes are those that
+depend on `r_in` and that `r_out` depends on. Values the block reads from outside (masks, rotary
+tables, shapes of the inputs) stay shared by its copies; initializers only the block uses are copied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+from .errors import UnsupportedGraph
+from .normalize import unique_name
+from .structure import TransformerSpec, consumers_forward, skip_view, weight_of
+
+
+@dataclass
+class BlockGraph:
+    index: int
+    r_in: ir.Value
+    r_out: ir.Value
+    nodes: list[ir.Node]  # in graph order
+    zero_outputs: list[str]  # initializers that, zeroed, make the block add nothing to the stream
+
+
+def descendants(value: ir.Value) -> set[int]:
+    seen, todo = set(), [value]
+    while todo:
+        v = todo.pop()
+        for n in v.consumers():
+            if id(n) not in seen:
+                seen.add(id(n))
+                todo.extend(n.outputs)
+    return seen
+
+
+def ancestors(value: ir.Value) -> set[int]:
+    seen, todo = set(), [value]
+    while todo:
+        n = todo.pop().producer()
+        if n is not None and id(n) not in seen:
+            seen.add(id(n))
+            todo.extend(i for i in n.inputs if i is not None)
+    return seen
+
+
+def residual_values(spec: TransformerSpec) -> list[ir.Value]:
+    """r_0 ... r_L: the residual stream before each block and after the last one."""
+    blocks = spec.blocks
+    if spec.norm_position == "pre":
+        values = [skip_view(b.norms[0].input) for b in blocks]
+        if spec.final_norm is None:
+            raise UnsupportedGraph("pre-norm model without a final norm: cannot find where the last block ends")
+        values.append(skip_view(spec.final_norm.input))
+    elif spec.norm_position == "post":
+        # post-norm: each block reads the previous norm's output; the last ends at the norm after its FFN
+        values = [skip_view(proj_input(spec, b.attention.q_proj)) for b in blocks]
+        norm_outputs = {id(nrm.output) for nrm in all_norms(spec)}
+        after = consumers_forward(blocks[-1].ffn.down.outputs[0],
+                                  lambda n: any(id(o) in norm_outputs for o in n.outputs))
+        if not after:
+            raise UnsupportedGraph("cannot find the output norm of the last post-norm block")
+        values.append(next(o for o in after[0].outputs if id(o) in norm_outputs))
+    else:
+        raise UnsupportedGraph("blocks without norms are not supported")
+    return values
+
+
+def all_norms(spec):
+    from .structure import find_norms
+    return find_norms(spec.model.graph, spec.flow, spec.hidden)
+
+
+def proj_input(spec, node):
+    return node.inputs[0] if weight_of(spec.flow, node)[1] == 1 else node.inputs[1]
+
+
+def block_graphs(spec: TransformerSpec) -> list[BlockGraph]:
+    stream = residual_values(spec)
+    order = {id(n): i for i, n in enumerate(spec.model.graph)}
+    result = []
+    for i, b in enumerate(spec.blocks):
+        r_in, r_out = stream[i], stream[i + 1]
+        inside = descendants(r_in) & (ancestors(r_out))
+        nodes = sorted((n for n in spec.model.graph if id(n) in inside), key=lambda n: order[id(n)])
+        for n in nodes:
+            for o in n.outputs:
+                if o.is_graph_output() and o is not r_out:
+                    raise UnsupportedGraph(f"block {i} writes graph output {o.name!r} (a KV cache?); "
+                                           "deepen does not support that yet")
+        result.append(BlockGraph(i, r_in, r_out, nodes, output_projections(spec, b)))
+    return result
+
+
+def output_projections(spec: TransformerSpec, block) -> list[str]:
+    """Weights (and biases) of the projections that write into the residual stream."""
+    names = []
+    for proj in (block.attention.o_proj, block.ffn.down if block.ffn else None):
+        if proj is None:
+            continue
+        names.append(weight_of(spec.flow, proj)[0].name)
+        if proj.op_type == "Gemm" and len(proj.inputs) > 2 and proj.inputs[2] is not None:
+            names.append(proj.inputs[2].name)
+        for c in proj.outputs[0].consumers():
+            if c.op_type == "Add":
+                other = c.inputs[1] if c.inputs[0] is proj.outputs[0] else c.inputs[0]
+                init, _ = spec.flow.source_initializer(other)
+                if init is not None:
+                    names.append(init.name)
+    return names
+
+
+def clone_block(graph: ir.Graph, block: BlockGraph, new_input: ir.Value, tag: str) -> tuple[ir.Value, dict]:
+    """Append a copy of `block` reading the stream from `new_input`; return its output value."""
+    inside = {id(n) for n in block.nodes}
+    mapping: dict[int, ir.Value] = {id(block.r_in): new_input}
+    renamed_inits: dict[str, str] = {}
+    for node in block.nodes:
+        inputs = []
+        for v in node.inputs:
+            if v is None:
+                inputs.append(None)
+            elif id(v) in mapping:
+                inputs.append(mapping[id(v)])
+            elif v.is_initializer() and all(id(u.node) in inside for u in v.uses()):
+                copy = ir.Value(name=unique_name(graph, f"{v.name}.{tag}"), shape=v.shape, type=v.type,
+                                const_value=v.const_value)
+                graph.register_initializer(copy)
+                renamed_inits[v.name] = copy.name
+                mapping[id(v)] = copy
+                inputs.append(copy)
+            else:
+                inputs.append(v)  # shared: masks, rotary tables, input shapes, other blocks' constants
+        attrs = [ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()]
+        new = ir.Node(node.domain, node.op_type, inputs, attrs, num_outputs=len(node.outputs),
+                      name=unique_name(graph, f"{node.name or node.op_type}.{tag}"), version=node.version)
+        for old_out, new_out in zip(node.outputs, new.outputs):
+            new_out.name = unique_name(graph, f"{old_out.name}.{tag}")
+            new_out.type = old_out.type
+            mapping[id(old_out)] = new_out
+        graph.append(new)
+    return mapping[id(block.r_out)], renamed_inits
+
+
+def insert_after(graph: ir.Graph, blocks: list[BlockGraph], plan: dict[int, list[tuple[int, bool]]]):
+    """plan[i] = [(source block, zeroed?), ...]: copies to place after original block i, in order.
+
+    Returns the names of the initializers to zero (the output projections of identity copies).
+    """
+    to_zero = []
+    for i in sorted(plan, reverse=True):
+        after = blocks[i]
+        inside = {id(n) for n in after.nodes}
+        readers = [(u.node, u.idx) for u in after.r_out.uses() if id(u.node) not in inside]
+        was_output = after.r_out.is_graph_output()
+        stream = after.r_out
+        for k, (j, zeroed) in enumerate(plan[i]):
+            stream, renamed = clone_block(graph, blocks[j], stream, tag=f"b{i}c{k}")
+            if zeroed:
+                for name in blocks[j].zero_outputs:
+                    if name not in renamed:
+                        raise UnsupportedGraph(f"output projection {name!r} is shared outside its block")
+                    to_zero.append(renamed[name])
+        for node, idx in readers:
+            node.replace_input_with(idx, stream)
+        if was_output:
+            k = list(graph.outputs).index(after.r_out)
+            name = after.r_out.name
+            after.r_out.name = unique_name(graph, name + ".inner")
+            stream.name = name
+            graph.outputs[k] = stream
+    graph.sort()
+    return to_zero

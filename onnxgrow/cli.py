@@ -1,0 +1,161 @@
+"""The `onnxgrow` command line.
+
+Every command turns an OnnxgrowError into one line on stderr and its exit code (2 bad input, 1 not
+preserved); anything unexpected is also reported in one line (set ONNXGROW_DEBUG=1 for the traceback).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import api, modelio
+from .errors import BAD_INPUT, NOT_PRESERVED, OnnxgrowError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Grow and shrink pretrained transformers at the ONNX graph level.")
+out = Console()
+err = Console(stderr=True)
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default" / "tiny-gpt2.onnx"
+
+
+def one_line_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OnnxgrowError as e:
+            err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except Exception as e:  # a bug or an unforeseen input: still one line, never a traceback
+            if os.environ.get("ONNXGROW_DEBUG"):
+                raise
+            first = str(e).splitlines()[0] if str(e) else ""
+            err.print(f"[red]error:[/red] internal error ({type(e).__name__}): {first}", highlight=False,
+                      soft_wrap=True)
+            raise typer.Exit(BAD_INPUT)
+    return wrapper
+
+
+def config_table(title: str, *configs: dict, headers=("value",)) -> Table:
+    table = Table(title=title)
+    table.add_column("property")
+    for h in headers:
+        table.add_column(h, justify="right")
+    for key in configs[0]:
+        table.add_row(key, *(str(c.get(key)) for c in configs))
+    return table
+
+
+@app.command()
+@one_line_errors
+def inspect(model: Path = typer.Argument(..., help="ONNX model"),
+            as_json: bool = typer.Option(False, "--json", help="print JSON")):
+    """Show the transformer configuration found in MODEL's graph."""
+    config = api.inspect(model)
+    if as_json:
+        print(json.dumps(config, indent=2))
+    else:
+        out.print(config_table(str(model), config))
+
+
+@app.command()
+@one_line_errors
+def validate(source: Path, target: Path,
+             provider: str = typer.Option("auto", help="auto | cuda | cpu"),
+             inputs: Optional[Path] = typer.Option(None, help=".npz of named input arrays"),
+             text: Optional[str] = typer.Option(None, help="text to feed (with --tokenizer)"),
+             tokenizer: Optional[Path] = typer.Option(None, help="tokenizer.json"),
+             tolerance: Optional[float] = typer.Option(None, help="max abs diff allowed"),
+             as_json: bool = typer.Option(False, "--json")):
+    """Run SOURCE and TARGET in ONNX Runtime on the same inputs and compare every output."""
+    from .validate import validate as run_validation
+    report = run_validation(source, target, provider=provider, inputs=inputs, tolerance=tolerance,
+                            text=text, tokenizer=tokenizer)
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        report.print(out)
+    raise typer.Exit(report.exit_code)
+
+
+def write_checked(model, source: Path, output: Path, force: bool, exact: bool, verify: bool):
+    """Save atomically; for exact methods refuse (exit 1, nothing written) unless outputs match."""
+    from .validate import validate as run_validation
+    reports = []
+
+    def check(tmp_path: Path):
+        if not verify:
+            return
+        report = run_validation(source, tmp_path)
+        reports.append(report)
+        if exact and not report.passed:
+            report.print(err)
+            raise OnnxgrowError("outputs are not preserved; nothing written", NOT_PRESERVED)
+
+    modelio.save(model, output, input_paths=(source,), force=force, verify=check)
+    return reports[0] if reports else None
+
+
+@app.command()
+@one_line_errors
+def widen(model: Path = typer.Argument(..., help="source ONNX model"),
+          factor: Optional[float] = typer.Option(None, "--factor", "-k", help="width multiplier"),
+          hidden: Optional[int] = typer.Option(None, help="target hidden size"),
+          heads: Optional[int] = typer.Option(None, help="target attention heads (head_dim is kept)"),
+          kv_heads: Optional[int] = typer.Option(None, "--kv-heads", help="target key/value heads"),
+          ffn: Optional[int] = typer.Option(None, help="target FFN size"),
+          method: str = typer.Option("hypercloning", help="hypercloning | fpi | pad"),
+          noise: float = typer.Option(0.0, help="symmetry-breaking noise, fraction of each weight's std"),
+          seed: int = typer.Option(0),
+          output: Optional[Path] = typer.Option(None, "--output", "-o"),
+          force: bool = typer.Option(False, help="replace an existing output"),
+          verify: bool = typer.Option(True, help="run both models in ONNX Runtime and compare")):
+    """Make MODEL wider, starting from what it knows."""
+    source = modelio.load(model)
+    before = api.load_structure(api.as_ir(source))
+    wide = api.widen_ir(source, factor, hidden=hidden, heads=heads, kv_heads=kv_heads, ffn=ffn,
+                        method=method, noise=noise, seed=seed)
+    label = f"widen{api.factor_label(factor)}x" if factor else f"widen-h{hidden}"
+    output = output or api.default_output(model, label)
+    exact = api.load_pass(method).EXACT
+    report = write_checked(wide, model, output, force, exact, verify)
+    after = api.inspect(output)
+    out.print(config_table(f"{model} -> {output} ({method})", before.config(), after,
+                           headers=("source", "target")))
+    if report is not None:
+        report.print(out)
+        verdict = "preserved" if report.passed else "changed (expected for this method)"
+        out.print(f"outputs {verdict}; wrote {output}")
+    else:
+        out.print(f"wrote {output} (not verified)")
+
+
+@app.command()
+@one_line_errors
+def demo(output_dir: Path = typer.Option(Path("out"), help="where to write the grown model")):
+    """The main job on the embedded tiny GPT-2: inspect, widen x2 by HyperCloning, validate."""
+    out.print(f"[bold]source[/bold] {DEFAULT_MODEL}")
+    inspect(DEFAULT_MODEL, as_json=False)
+    target = output_dir / "tiny-gpt2.widen2x.onnx"
+    widen(DEFAULT_MODEL, factor=2, hidden=None, heads=None, kv_heads=None, ffn=None,
+          method="hypercloning", noise=0.01, seed=0, output=target, force=True, verify=True)
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Identity blocks: new blocks that start out adding nothing to the residual stream.
+
+A new block is a copy of the block before it with its output projections (attention output and FFN
+down projection, and their biases) set to zero. In a pre-norm block the stream update is
+x + Attn(LN(x)) and x + FFN(LN(x)); with zero output projections both terms vanish, so the model's
+function is exactly preserved, while the copied Q/K/V, up and norm weights are real and start
+receiving gradient as soon as the output projections move. Post-norm blocks compute LN(x + F(x)),
+and LN(x) != x, so they cannot be made an identity this way: they are refused.
+"""
+
+from __future__ import annotations
+
+from onnxgrow.errors import OnnxgrowError
+
+EXACT = True
+
+
+def spread(num_blocks: int, new: int) -> list[int]:
+    """Positions (original block indices) after which to insert `new` blocks, evenly spread."""
+    return sorted((t * num_blocks) // new + (num_blocks // new) - 1 if new <= num_blocks
+                  else t % num_blocks for t in range(new))
+
+
+def plan(spec, target: int, at: list[int] | None) -> dict[int, list[tuple[int, bool]]]:
+    if spec.norm_position != "pre":
+        raise OnnxgrowError("identity blocks need pre-norm blocks (LN(x + 0) != x in a post-norm model); "
+                            "use --method stack or interleave")
+    num = len(spec.blocks)
+    positions = at if at is not None else spread(num, target - num)
+    result: dict[int, list[tuple[int, bool]]] = {}
+    for p in positions:
+        result.setdefault(p, []).append((p, True))
+    return result
