@@ -182,3 +182,26 @@ def align_products(fa: list[Dim], fb: list[Dim]) -> None:
     rest = [d for d in fa[i:] + fb[j:] if d.size != 1]
     if rest:
         raise DimConflict(f"products differ in length: {rest}")
+
+
+def segments(d: Dim) -> list[Dim]:
+    """The leaf segments of a concatenation, left to right."""
+    r = d.root()
+    if r.kind == "cat":
+        return [s for p in r.parts for s in segments(p)]
+    return [r]
+
+
+def cut(d: Dim, offset: int) -> None:
+    """Make `offset` a segment boundary inside `d`, refining nested segments as needed."""
+    r = d.root()
+    if offset <= 0 or r.size is None or offset >= r.size:
+        return
+    if r.kind == "cat":
+        start = 0
+        for p in r.parts:
+            if start < offset < start + p.size:
+                cut(p, offset - start)
+            start += p.size
+        return
+    refine(r, "cat", [offset, r.size - offset])

@@ -102,30 +102,30 @@ class Resizer:
         self.check_refusals()
         g = self.spec.model.graph
         rng = np.random.default_rng(rule.seed)
-        tied_table = self.tied_contracted_table()
+        tied = self.tied_tables()
         for name, value in list(g.initializers.items()):
             dims = self.flow.dims[value]
             if not any(self.touches(d) for d in dims):
                 continue
             old = value.const_value.numpy()
-            contracted = set() if name == tied_table else self.flow.contracted.get(name, set())
+            contracted = set() if name in tied else self.flow.contracted.get(name, set())
             new = resize_array(old, [self.index_map(d) for d in dims], contracted, rule, rng)
             if weight_hook is not None:
                 new = weight_hook(name, old, new, dims)
             set_tensor(value, new)
-        if tied_table is not None:
-            self.compensate_tied_head(tied_table)
+        if tied:
+            self.compensate_tied_head(sorted(tied)[0])
         self.rewrite_literals()
         self.rewrite_io()
         return self.spec.model
 
-    def tied_contracted_table(self) -> str | None:
+    def tied_tables(self) -> set[str]:
         """A tied embedding is both looked up and multiplied with: its values can't be divided."""
         spec = self.spec
-        name = spec.token_embedding.name
-        if name in self.flow.contracted and self.touches(spec.hidden):
-            return name
-        return None
+        if not spec.tied_embeddings or spec.lm_head is None or not self.touches(spec.hidden):
+            return set()
+        from .structure import weight_of
+        return {spec.token_embedding.name, weight_of(self.flow, spec.lm_head)[0].name}
 
     def compensate_tied_head(self, table: str):
         """Divide the final norm's affine parameters by the copy counts instead of the tied head.

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from .dims import Dim, DimConflict, factors, product_of, refine, take, unify
+from .dims import Dim, DimConflict, cut, factors, product_of, refine, segments, take, unify
 
 INT64_MAX = 2**63 - 1
 SMALL_INT_TENSOR = 64  # larger int constants are data (masks, ids), not shapes
@@ -227,10 +227,10 @@ class ShapeFlow:
         op = node.op_type
         if op == "Where":
             cond, a, b = (self.elems(v) for v in node.inputs)
-            if a is not None and b is not None and cond is not None and len(a) == len(b) == len(cond):
-                # dynamo writes Where(Equal(shape, -1), 1, shape): keep the shape side
-                pick = [y if (c.value == 0) else x for c, x, y in zip(cond, a, b)]
-                self.vals[node.outputs[0]] = pick
+            if a is not None and b is not None and cond is not None and len(a) == len(b) == len(cond) \
+                    and all(c.value is not None for c in cond):
+                # exporters write Where(Equal(shape, -1), 1, shape) to resolve -1 in an Expand target
+                self.vals[node.outputs[0]] = [x if c.value else y for c, x, y in zip(cond, a, b)]
             return
         a, b = (self.elems(v) for v in node.inputs[:2])
         if a is None or b is None or op not in ("Add", "Sub", "Mul", "Div", "Equal", "Max", "Min"):
@@ -244,7 +244,10 @@ class ShapeFlow:
         res = []
         for x, y in zip(a, b):
             value = None
-            if x.value is not None and y.value is not None:
+            if op == "Equal" and ((x.dim is not None and y.literal and y.value < 0) or
+                                  (y.dim is not None and x.literal and x.value < 0)):
+                value = 0  # a size is never negative: Equal(shape, -1) is false
+            elif x.value is not None and y.value is not None:
                 value = {"Add": x.value + y.value, "Sub": x.value - y.value, "Mul": x.value * y.value,
                          "Div": x.value // y.value if y.value else None,
                          "Equal": int(x.value == y.value), "Max": max(x.value, y.value),
@@ -256,6 +259,8 @@ class ShapeFlow:
                 dim = x.dim
             elif op == "Div" and x.dim is not None and y.literal:
                 dim = self.divide(x.dim, y, node)
+            if dim is None and value is None and (x.dim is not None or y.dim is not None):
+                dim = Dim(None)  # e.g. past + new sequence length: some size, known at run time
             res.append(Elem(dim=dim, value=value))
         self.vals[node.outputs[0]] = res
 
@@ -480,17 +485,20 @@ class ShapeFlow:
             e = max(0, min(size, e + size if e < 0 else e))
             if s == 0 and e == size:
                 continue
-            bounds = [b for b in (s, e) if 0 < b < size]
-            cuts = sorted(set(bounds))
-            pieces = [b - a_ for a_, b in zip([0] + cuts, cuts + [size])]
-            segs = refine(d, "cat", pieces)
-            starts_at = [0] + cuts
-            out[a] = segs[starts_at.index(s)] if e - s == pieces[starts_at.index(s)] else Dim(e - s)
+            cut(d, s)
+            cut(d, e)
+            segs = segments(d)
+            offsets = np.cumsum([0] + [g.size for g in segs]).tolist()
+            inside = segs[offsets.index(s):offsets.index(e)]
+            if len(inside) == 1:
+                out[a] = inside[0]
+            else:
+                out[a] = Dim(None)
+                out[a].kind, out[a].parts = "cat", inside
             for lit, b in ((se[i] if se else None, s), (ee[i] if ee else None, e)):
-                if lit is not None and lit.literal and 0 < b < size:
-                    self.mean(lit, Meaning("offset", segs[:starts_at.index(b)]), node)
-                elif lit is not None and lit.literal and b == size and lit.value < INT64_MAX // 2:
-                    self.mean(lit, Meaning("offset", list(segs)), node)
+                if lit is None or not lit.literal or lit.value >= INT64_MAX // 2:
+                    continue  # "to the end" stays "to the end"
+                self.mean(lit, Meaning("offset", segs[:offsets.index(b)]), node)
         self.out(node, out)
 
     def op_Reshape(self, node, ins):
@@ -498,6 +506,8 @@ class ShapeFlow:
         target = self.elems(node.inputs[1])
         if x is None or target is None:
             return self.fail(node, "target shape not computable")
+        if node.inputs[0] in self.vals and len(target) == 1:
+            self.vals[node.outputs[0]] = self.vals[node.inputs[0]]  # a shape vector stays a vector
         allowzero = attr(node, "allowzero", 0)
         flat = [f for d in x for f in factors(d)]
         target = [Elem(dim=x[i]) if (e.literal and e.value == 0 and not allowzero) else e
@@ -575,6 +585,11 @@ class ShapeFlow:
         target = self.elems(node.inputs[0])
         if target is None:
             return self.fail(node, "target shape not computable")
+        fill = attr(node, "value")
+        fill = 0 if fill is None else fill.numpy().reshape(-1)[0].item()
+        if len(target) == 1 and target[0].value is not None and target[0].value <= SMALL_INT_TENSOR \
+                and float(fill).is_integer():
+            self.vals[node.outputs[0]] = [Elem(value=int(fill)) for _ in range(target[0].value)]
         out = []
         for e in target:
             if e.dim is not None:

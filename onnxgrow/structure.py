@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from .dims import Dim, atoms, factors, same
+from .dims import Dim, atoms, factors, same, unify
 from .errors import UnsupportedGraph
 from .normalize import normalize
 from .shapeflow import ShapeFlow, VIEW_THROUGH, analyse
 
 PASS_THROUGH = {"Cast", "Dropout", "Identity"}
 RESHAPES = {"Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand"}
+SHAPE_OF = {"Shape", "Size"}
 
 
 @dataclass
@@ -129,6 +130,8 @@ def producers_back(value: ir.Value, stop):
         if stop(node):
             found.append(node)
             continue
+        if node.op_type in SHAPE_OF:
+            continue  # a shape is not data: the walk follows values, not their sizes
         todo.extend(i for i in node.inputs if i is not None and not i.is_initializer())
     return found
 
@@ -138,7 +141,7 @@ def consumers_forward(value: ir.Value, stop):
     while todo:
         v = todo.popleft()
         for node in v.consumers():
-            if id(node) in seen:
+            if id(node) in seen or node.op_type in SHAPE_OF:
                 continue
             seen.add(id(node))
             if stop(node):
@@ -184,6 +187,7 @@ def find_structure(model: ir.Model, flow: ShapeFlow | None = None) -> Transforme
     if not direct:
         raise UnsupportedGraph("no token embedding found (a Gather of a 2-D float table by input ids)")
     token = max(direct, key=lambda n: n.inputs[0].const_value.shape[0])
+    tie_copies(g, flow, token.inputs[0])
     hidden = flow.dims[token.inputs[0]][1].root()
     vocab = flow.dims[token.inputs[0]][0].root()
     others = [n for n in gathers if n is not token and same(flow.dims[n.inputs[0]][1], hidden)]
@@ -314,6 +318,23 @@ def find_structure(model: ir.Model, flow: ShapeFlow | None = None) -> Transforme
         raise UnsupportedGraph("; ".join(missing))
     assign_roles(spec)
     return spec
+
+
+def tie_copies(g: ir.Graph, flow: ShapeFlow, table: ir.Value) -> None:
+    """An export may write a tied embedding twice (once transposed for the head). Equal values mean
+    the same parameter, so their axes measure the same Dims."""
+    t = table.const_value
+    for v in g.initializers.values():
+        c = v.const_value
+        if v is table or c.size != t.size or len(c.shape) != 2 or c.dtype != t.dtype:
+            continue
+        if same_values(v, table):
+            rows, cols = flow.dims[table]
+            a, b = flow.dims[v]
+            if tuple(c.shape) == tuple(t.shape) and np.array_equal(c.numpy(), t.numpy()):
+                unify(a, rows), unify(b, cols)
+            else:  # stored transposed
+                unify(a, cols), unify(b, rows)
 
 
 def attr_axis(node):
@@ -472,9 +493,15 @@ def position_of_norms(flow, blocks) -> str:
                                       lambda n: n.op_type == "Add" and all(is_activation(flow, v) for v in n.inputs))
     if not residual_adds:
         return "none"
-    add = residual_adds[0]
-    others = [skip_view(v) for v in add.inputs]
-    if skip_view(norm.input) in others:
+    # parallel blocks add attention, FFN and the stream in some order: look through the chain of Adds
+    chain, todo = [], list(residual_adds[:1])
+    while todo and len(chain) < 4:
+        add = todo.pop()
+        chain.append(add)
+        todo.extend(c for c in add.outputs[0].consumers() if c.op_type == "Add"
+                    and all(is_activation(flow, v) for v in c.inputs))
+    stream_in = skip_view(norm.input)
+    if any(stream_in is skip_view(v) for add in chain for v in add.inputs):
         return "pre"
     return "post"
 
