@@ -12,6 +12,7 @@ refuses when a problem touches a Dim it is about to resize.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +30,7 @@ class Elem:
     dim: Dim | None = None  # the Dim whose size this element is (from Shape)
     value: int | None = None  # concrete value when known
     leaf: tuple[str, int] | None = None  # (initializer name, flat index) when it is a literal
+    factors: tuple | None = None  # (a, b) when this literal is the product a * b of two literals
 
     @property
     def literal(self) -> bool:
@@ -142,6 +144,16 @@ class ShapeFlow:
 
     def mean(self, e: Elem, meaning: Meaning, node: ir.Node):
         """Record what a literal means; a literal reused for the same thing unifies."""
+        if e.leaf is None and e.factors is not None and meaning.kind == "size":
+            # kv_heads * n_rep written as a product of two literals: give each its factor
+            a, b = e.factors
+            fs = factors(meaning.dims[0])
+            for k in range(len(fs) + 1):
+                if math.prod(f.size or 0 for f in fs[:k]) == a.value and \
+                        math.prod(f.size or 0 for f in fs[k:]) == b.value:
+                    self.mean(a, Meaning("size", [product_of(fs[:k]) if k else Dim(1)]), node)
+                    self.mean(b, Meaning("size", [product_of(fs[k:]) if k < len(fs) else Dim(1)]), node)
+                    return
         if e.leaf is None:
             self.derived.append((node, meaning))
             return
@@ -257,11 +269,18 @@ class ShapeFlow:
                 dim = product_of([x.dim, y.dim])
             elif op == "Mul" and x.dim is not None and y.value == 1:
                 dim = x.dim
+            elif op == "Mul" and (x.dim is not None) != (y.dim is not None) and (x.literal or y.literal):
+                # size * literal (kv_heads * n_rep): the literal becomes a Dim of its own
+                sized, lit = (x, y) if x.dim is not None else (y, x)
+                factor = Dim(lit.value)
+                self.mean(lit, Meaning("size", [factor]), node)
+                dim = product_of([sized.dim, factor] if sized is x else [factor, sized.dim])
             elif op == "Div" and x.dim is not None and y.literal:
                 dim = self.divide(x.dim, y, node)
             if dim is None and value is None and (x.dim is not None or y.dim is not None):
                 dim = Dim(None)  # e.g. past + new sequence length: some size, known at run time
-            res.append(Elem(dim=dim, value=value))
+            product = (x, y) if op == "Mul" and x.literal and y.literal else None
+            res.append(Elem(dim=dim, value=value, factors=product))
         self.vals[node.outputs[0]] = res
 
     def divide(self, dim: Dim, lit: Elem, node: ir.Node) -> Dim | None:
