@@ -19,9 +19,9 @@ import onnx_ir as ir
 from . import modelio
 from .errors import OnnxgrowError
 from .resize import Resizer
-from .structure import TransformerSpec, load_structure
+from .structure import TransformerSpec, distinct, load_structure
 
-WIDEN_METHODS = ("hypercloning", "fpi", "pad")
+WIDEN_METHODS = ("hypercloning", "fpi", "aki", "pad")
 DEEPEN_METHODS = ("identity", "stack", "interleave")
 
 
@@ -70,10 +70,12 @@ def widen_sizes(spec: TransformerSpec, factor: float | None = None, hidden: int 
         raise OnnxgrowError("this model has as many key/value heads as query heads; --kv-heads must equal --heads")
     if heads % kv_heads:
         raise OnnxgrowError(f"--heads {heads} is not a multiple of --kv-heads {kv_heads}")
-    sizes = {spec.hidden: hidden, spec.kv_heads: kv_heads}
-    if spec.group is not None:
-        sizes[spec.group] = heads // kv_heads
-    for d in {id(d.root()): d.root() for d in spec.ffn}.values():
+    sizes = {spec.hidden: hidden}
+    for d in distinct(b.attention.kv_heads for b in spec.blocks):
+        sizes[d] = kv_heads
+    for d in distinct(b.attention.group for b in spec.blocks):
+        sizes[d] = heads // kv_heads
+    for d in distinct(spec.ffn):
         sizes[d] = ffn if ffn is not None else round(d.size * ratio)
     for d, n in sizes.items():
         if n < d.size:
@@ -104,10 +106,13 @@ def widen_ir(model: ir.Model, factor=None, *, hidden=None, heads=None, kv_heads=
     spec = load_structure(model)
     sizes = widen_sizes(spec, factor, hidden, heads, kv_heads, ffn)
     plans = method_pass.plans(spec, sizes, seed=seed)
-    model = Resizer(spec, plans).apply(method_pass.rule(noise=noise, seed=seed))
+    resizer = Resizer(spec, plans)
+    model = resizer.apply(method_pass.rule(noise=noise, seed=seed))
+    if hasattr(method_pass, "after"):
+        method_pass.after(spec, resizer)
     model.metadata_props["onnxgrow.history"] = (
         model.metadata_props.get("onnxgrow.history", "") + f"widen:{method}:" +
-        ",".join(f"{d.role}={n}" for d, n in sizes.items()) + ";")
+        ",".join(sorted({f"{d.role}={n}" for d, n in sizes.items()})) + ";")
     return model
 
 

@@ -25,14 +25,15 @@ class BlockGraph:
     zero_outputs: list[str]  # initializers that, zeroed, make the block add nothing to the stream
 
 
-def descendants(value: ir.Value) -> set[int]:
+def descendants(value: ir.Value, through_shapes: bool = True) -> set[int]:
     seen, todo = set(), [value]
     while todo:
         v = todo.pop()
         for n in v.consumers():
             if id(n) not in seen:
                 seen.add(id(n))
-                todo.extend(n.outputs)
+                if through_shapes or n.op_type not in ("Shape", "Size"):
+                    todo.extend(n.outputs)
     return seen
 
 
@@ -44,6 +45,27 @@ def ancestors(value: ir.Value) -> set[int]:
             seen.add(id(n))
             todo.extend(i for i in n.inputs if i is not None)
     return seen
+
+
+def own_nodes(candidates: set[int], data: set[int], graph: ir.Graph, r_out: ir.Value) -> set[int]:
+    """The block's nodes: every node on a data path from r_in to r_out, plus the shape computations
+    only it uses. A shape computation that other blocks use too (a mask built from the stream's
+    shape) stays shared by the copies."""
+    inside = set(candidates)
+    changed = True
+    while changed:
+        changed = False
+        for node in graph:
+            if id(node) not in inside or id(node) in data:
+                continue
+            for out in node.outputs:
+                if out is r_out:
+                    continue
+                if out.is_graph_output() or any(id(c) not in inside for c in out.consumers()):
+                    inside.discard(id(node))
+                    changed = True
+                    break
+    return inside
 
 
 def residual_values(spec: TransformerSpec) -> list[ir.Value]:
@@ -77,17 +99,21 @@ def proj_input(spec, node):
     return node.inputs[0] if weight_of(spec.flow, node)[1] == 1 else node.inputs[1]
 
 
-def block_graphs(spec: TransformerSpec) -> list[BlockGraph]:
+def block_graphs(spec: TransformerSpec, side_outputs: bool = False) -> list[BlockGraph]:
+    """The blocks' subgraphs. Copying a block that writes graph outputs of its own (a KV cache)
+    would need new outputs too, so that is refused unless the caller only reads the blocks."""
     stream = residual_values(spec)
     order = {id(n): i for i, n in enumerate(spec.model.graph)}
     result = []
     for i, b in enumerate(spec.blocks):
         r_in, r_out = stream[i], stream[i + 1]
-        inside = descendants(r_in) & (ancestors(r_out))
+        upstream = ancestors(r_out)
+        data = descendants(r_in, through_shapes=False) & upstream
+        inside = own_nodes(descendants(r_in) & upstream, data, spec.model.graph, r_out)
         nodes = sorted((n for n in spec.model.graph if id(n) in inside), key=lambda n: order[id(n)])
         for n in nodes:
             for o in n.outputs:
-                if o.is_graph_output() and o is not r_out:
+                if o.is_graph_output() and o is not r_out and not side_outputs:
                     raise UnsupportedGraph(f"block {i} writes graph output {o.name!r} (a KV cache?); "
                                            "deepen does not support that yet")
         result.append(BlockGraph(i, r_in, r_out, nodes, output_projections(spec, b)))

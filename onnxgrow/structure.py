@@ -43,6 +43,9 @@ class Attention:
     v_proj: ir.Node
     o_proj: ir.Node
     fused_qkv: bool
+    kv_heads: Dim | None = None  # this attention's own Dims (set by head_geometry)
+    group: Dim | None = None
+    head_dim: Dim | None = None
 
 
 @dataclass
@@ -218,22 +221,15 @@ def find_structure(model: ir.Model, flow: ShapeFlow | None = None) -> Transforme
         raise UnsupportedGraph("no attention found (Softmax between two activation MatMuls)"
                                + (": " + "; ".join(missing) if missing else ""))
 
-    # head geometry from the first attention: Q is [..., heads, seq, head_dim]
-    att, qk, _ = attentions[0]
-    qshape = flow.dims[qk.inputs[0]]
-    head_dim = qshape[-1].root()
-    head_factors = [f for d in qshape[:-2] for f in factors(d) if f.size not in (None, 1)]
-    if not head_factors:
-        raise UnsupportedGraph(f"cannot find the head axis of attention {att.softmax.name!r}")
-    k_weight = weight_of(flow, att.k_proj)[0]
-    k_out_axis = out_axis(flow, att.k_proj)
-    k_atoms = {id(a) for a in atoms(flow.dims[k_weight][k_out_axis])}
-    kv_part = [f for f in head_factors if id(f.root()) in k_atoms]
-    group_part = [f for f in head_factors if id(f.root()) not in k_atoms]
-    if len(kv_part) != 1 or len(group_part) > 1:
-        raise UnsupportedGraph(f"cannot tell query heads from key/value heads at {att.softmax.name!r}")
-    kv_heads = kv_part[0].root()
-    group = group_part[0].root() if group_part else None
+    # head geometry of every attention (exports may compute each layer's sizes separately)
+    for att, qk, _ in attentions:
+        att.kv_heads, att.group, att.head_dim = head_geometry(flow, att, qk)
+    first = attentions[0][0]
+    kv_heads, group, head_dim = first.kv_heads, first.group, first.head_dim
+    for att, _, _ in attentions[1:]:
+        if (att.kv_heads.size, att.group and att.group.size, att.head_dim.size) != (
+                kv_heads.size, group and group.size, head_dim.size):
+            raise UnsupportedGraph(f"attention {att.softmax.name!r} has a different head layout than the first")
     heads = kv_heads if group is None else Dim(None)
     if group is not None:
         heads.kind, heads.parts = "prod", [kv_heads, group]
@@ -335,6 +331,24 @@ def tie_copies(g: ir.Graph, flow: ShapeFlow, table: ir.Value) -> None:
                 unify(a, rows), unify(b, cols)
             else:  # stored transposed
                 unify(a, cols), unify(b, rows)
+
+
+def head_geometry(flow: ShapeFlow, att: Attention, qk: ir.Node):
+    """(kv_heads, group, head_dim) Dims of one attention. Q is [..., heads, seq, head_dim]; the
+    factors of its head axis that also measure the K projection's output are the kv heads, and
+    what is left (created by the repeat of K/V for grouped-query attention) is the group size."""
+    qshape = flow.dims[qk.inputs[0]]
+    head_dim = qshape[-1].root()
+    head_factors = [f for d in qshape[:-2] for f in factors(d) if f.size not in (None, 1)]
+    if not head_factors:
+        raise UnsupportedGraph(f"cannot find the head axis of attention {att.softmax.name!r}")
+    k_weight = weight_of(flow, att.k_proj)[0]
+    k_atoms = {id(a) for a in atoms(flow.dims[k_weight][out_axis(flow, att.k_proj)])}
+    kv_part = [f for f in head_factors if id(f.root()) in k_atoms]
+    group_part = [f for f in head_factors if id(f.root()) not in k_atoms]
+    if len(kv_part) != 1 or len(group_part) > 1:
+        raise UnsupportedGraph(f"cannot tell query heads from key/value heads at {att.softmax.name!r}")
+    return kv_part[0].root(), (group_part[0].root() if group_part else None), head_dim
 
 
 def attr_axis(node):
@@ -508,7 +522,8 @@ def position_of_norms(flow, blocks) -> str:
 
 def count_parameters(spec: TransformerSpec) -> int:
     """Float weights that carry a model dimension (buffers like rotary frequencies are not counted)."""
-    model_dims = {id(d.root()) for d in [spec.hidden, spec.kv_heads, *spec.ffn] + ([spec.group] if spec.group else [])}
+    model_dims = {id(d.root()) for d in [spec.hidden, *spec.ffn] + [
+        d for b in spec.blocks for d in (b.attention.kv_heads, b.attention.group) if d is not None]}
     total, seen = 0, set()
     for name, v in spec.model.graph.initializers.items():
         t = v.const_value
@@ -521,11 +536,18 @@ def count_parameters(spec: TransformerSpec) -> int:
 
 def assign_roles(spec: TransformerSpec) -> None:
     spec.hidden.root().role = "hidden"
-    spec.kv_heads.root().role = "kv_heads" if spec.group is not None else "heads"
-    if spec.group is not None:
-        spec.group.root().role = "group"
+    for b in spec.blocks:
+        att = b.attention
+        att.kv_heads.root().role = "kv_heads" if att.group is not None else "heads"
+        if att.group is not None:
+            att.group.root().role = "group"
     for d in spec.ffn:
         d.root().role = "ffn"
+
+
+def distinct(dims) -> list[Dim]:
+    """The different Dims among `dims` (layers often share one through a shared constant)."""
+    return list({id(d.root()): d.root() for d in dims if d is not None}.values())
 
 
 def load_structure(model: ir.Model) -> TransformerSpec:

@@ -1,0 +1,685 @@
+"""Check that a rewritten model computes the same function as its source.
+
+Both models run in ONNX Runtime on the same inputs and every source output is compared. Inputs are
+generated from the source graph itself: which input holds token ids, which a mask, which positions
+is read from how the graph uses them, and symbolic sizes (batch, sequence, past length) from the
+dim_param names the exporter wrote. A user can instead give an .npz of arrays, or a text and a
+tokenizer.
+
+A rewrite may change widths. It then records in the target's metadata (key "onnxgrow.io_map") how
+each changed input/output axis maps to the source: a list, one entry per new index, of the source
+index it copies (-1: a new slot with no source).
+
+    {"inputs":  {NAME: {"AXIS": [new-to-old index, ...]}},
+     "outputs": {NAME: {"AXIS": [new-to-old index, ...]}}}
+
+Mapped inputs are built from the source's inputs (new slots zero). Mapped outputs are compared at the
+first copy of every source index; every further copy must match too ("copies"), because the exact
+growth methods duplicate activations and a wrong duplicate is a real failure even when the first copy
+is right.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from . import modelio
+from .errors import NOT_PRESERVED, OnnxgrowError
+
+DEFAULT_SHAPES = ((1, 5), (2, 9), (3, 16))
+IO_MAP_KEY = "onnxgrow.io_map"
+
+# Default tolerance on the max abs difference, by the dtype the outputs are compared in. Float32
+# rewrites that only reorder sums stay far below 1e-4 on small activations; half precisions round
+# each op's result, so they need room for a few ulps of drift through the layers.
+DEFAULT_TOLERANCE = {"float64": 1e-4, "float32": 1e-4, "float16": 1e-2, "bfloat16": 3e-2}
+TOLERANCE_NOTE = "default by dtype: float32 1e-4, float16 1e-2, bfloat16 3e-2"
+
+FALLBACK_VOCAB = 100  # token ids for a model whose embedding table could not be found
+TYPE_TABLE_MAX_ROWS = 16  # a small table indexed by an int input holds token types, not positions
+
+# Ops that move or relabel ids without changing them: an int input is still "the ids" after these.
+PASS_THROUGH = {"Reshape", "Cast", "CastLike", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand"}
+
+
+# --- running models ------------------------------------------------------------------------------
+
+
+def resolve_providers(provider: str = "auto") -> list:
+    """The ONNX Runtime provider list for "auto", "cuda" or "cpu"."""
+    available = ort.get_available_providers()
+    # TF32 matmuls round to 10 mantissa bits: source and target would differ by ~1e-3 for reasons
+    # that have nothing to do with the rewrite.
+    cuda = ("CUDAExecutionProvider", {"use_tf32": "0"})
+    if provider == "cpu":
+        return ["CPUExecutionProvider"]
+    if provider == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise OnnxgrowError("provider 'cuda' asked for, but this onnxruntime has no CUDAExecutionProvider "
+                                "(install onnxruntime-gpu)")
+        return [cuda, "CPUExecutionProvider"]
+    if provider == "auto":
+        if "CUDAExecutionProvider" in available:
+            return [cuda, "CPUExecutionProvider"]
+        return ["CPUExecutionProvider"]
+    raise OnnxgrowError(f"unknown provider {provider!r} (use auto, cuda or cpu)")
+
+
+def open_session(path: str | os.PathLike, provider: str = "auto") -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    # Basic optimisations only: the extended fusions (attention, gelu, layernorm) match patterns that a
+    # rewrite may break in one model and not the other, which would show up as numeric noise here.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.intra_op_num_threads = min(4, os.cpu_count() or 1)
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # ORT's warnings about unused initializers etc. are not for our users
+    providers = resolve_providers(provider)
+    try:
+        try:
+            # from the path, not from bytes, so external data is found next to the model
+            session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as e:
+            if "Cannot parse data from external tensors" not in str(e):
+                raise
+            session = _session_with_small_tensors_inline(Path(path), options, providers)
+    except Exception as e:
+        raise OnnxgrowError(f"onnxruntime could not load {path}: {_one_line(e)}") from None
+    if provider == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
+        raise OnnxgrowError(f"onnxruntime could not start CUDA for {path} (it fell back to the CPU)")
+    session.onnxgrow_path = str(path)  # for error messages; a session opened from bytes has no path
+    return session
+
+
+def _session_with_small_tensors_inline(path: Path, options, providers) -> ort.InferenceSession:
+    """Open a model whose shape constants (Reshape shapes, Unsqueeze axes) live in external data.
+
+    ORT's shape inference cannot read file-backed external data (onnxruntime#21325), so a model saved
+    with every tensor external fails to load. Small tensors are read into the proto; the weights stay
+    in their file, which ORT is told where to find since the model now comes from bytes.
+    """
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        if uses_external_data(tensor) and math.prod(tensor.dims) * itemsize <= 64 * 2**10:
+            load_external_data_for_tensor(tensor, str(path.parent))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+
+
+def run_model(model, feeds: dict[str, np.ndarray], provider: str = "auto") -> dict[str, np.ndarray]:
+    """Run a model (path or open session) on `feeds`; return every output by name, in host memory.
+
+    Goes through an IO binding because numpy has no bfloat16 for ORT to hand back; the binding gives
+    raw tensors that are read as ml_dtypes.bfloat16.
+    """
+    session = model if isinstance(model, ort.InferenceSession) else open_session(model, provider)
+    name = getattr(session, "onnxgrow_path", None) or getattr(session, "_model_path", None) or str(model)
+    try:
+        binding = session.io_binding()
+        held = [_to_ortvalue(array) for array in feeds.values()]  # must outlive the run
+        for input_name, value in zip(feeds, held):
+            binding.bind_ortvalue_input(input_name, value)
+        outputs = [o.name for o in session.get_outputs()]
+        for output_name in outputs:
+            binding.bind_output(output_name, "cpu")  # copied back to the host whichever device ran it
+        session.run_with_iobinding(binding)
+        return {n: _to_numpy(v) for n, v in zip(outputs, binding.get_outputs())}
+    except Exception as e:
+        raise OnnxgrowError(f"onnxruntime could not run {name}: {_one_line(e)}") from None
+
+
+def _to_ortvalue(array: np.ndarray) -> ort.OrtValue:
+    array = np.ascontiguousarray(array)
+    if array.dtype == ml_dtypes.bfloat16:
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16), onnx.TensorProto.BFLOAT16)
+    return ort.OrtValue.ortvalue_from_numpy(array)
+
+
+def _to_numpy(value: ort.OrtValue) -> np.ndarray:
+    if value.data_type() != "tensor(bfloat16)":
+        return value.numpy()
+    array = np.empty(value.shape(), dtype=np.uint16)
+    if array.size:
+        ctypes.memmove(array.ctypes.data, value.data_ptr(), array.nbytes)
+    return array.view(ml_dtypes.bfloat16)
+
+
+def _one_line(error: Exception) -> str:
+    text = " ".join(str(error).split())  # ORT messages span lines; ours are one line
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    return text[:400] or type(error).__name__
+
+
+# --- generating inputs -----------------------------------------------------------------------------
+
+
+@dataclass
+class InputSpec:
+    name: str
+    kind: str  # tokens | token_types | positions | mask | float
+    dtype: np.dtype
+    dims: list  # per axis: a fixed int, a dim_param string, or None when unknown
+    rows: int | None = None  # rows of the embedding table this input indexes, when it indexes one
+
+
+@dataclass
+class InputPlan:
+    """How to make each source input for any (batch, seq, past)."""
+
+    specs: list[InputSpec]
+    batch_dim: str | None  # the dim_param names shared with the token ids' axes
+    seq_dim: str | None
+    past_dims: set[str]  # dim_params of cache inputs that are neither batch nor sequence
+
+    def make(self, batch: int, seq: int, past_length: int = 3, seed: int = 0) -> dict[str, np.ndarray]:
+        past = past_length if self.past_dims else 0
+        rng = np.random.default_rng([seed, batch, seq, past])
+        return {s.name: self._make_one(s, batch, seq, past, rng) for s in self.specs}
+
+    def _make_one(self, spec: InputSpec, batch: int, seq: int, past: int, rng) -> np.ndarray:
+        shape = tuple(self._size(spec, axis, dim, batch, seq, past) for axis, dim in enumerate(spec.dims))
+        if spec.kind == "float":
+            return rng.standard_normal(shape).astype(spec.dtype)
+        if spec.kind == "tokens":
+            return rng.integers(0, spec.rows or FALLBACK_VOCAB, shape).astype(spec.dtype)
+        if spec.kind == "token_types":
+            high = 2 if (spec.rows or 0) >= 2 else 1
+            return rng.integers(0, high, shape).astype(spec.dtype)
+        if spec.kind == "positions":
+            return _positions(spec, shape, past + seq)
+        mask = np.ones(shape, dtype=spec.dtype)
+        # one padded slot in the first row, so the masking path is exercised (but never a whole row)
+        if len(shape) >= 2 and shape[0] > 1 and shape[-1] > 1:
+            mask[0, ..., -1] = 0
+        return mask
+
+    def _size(self, spec: InputSpec, axis: int, dim, batch: int, seq: int, past: int) -> int:
+        if isinstance(dim, int):
+            return dim
+        if dim is not None:
+            if dim == self.batch_dim:
+                return batch
+            if dim == self.seq_dim:
+                return seq
+            # Optimum names a mask that spans cache plus new tokens "past_sequence_length +
+            # sequence_length" (older releases "past_sequence_length + 1", others
+            # "total_sequence_length"); all of them mean past + seq for the inputs we feed.
+            names = set(re.findall(r"[A-Za-z_]\w*", dim))
+            if _is_total(dim) or (names & self.past_dims and dim not in self.past_dims):
+                return past + seq
+            if dim in self.past_dims:
+                return past
+        # unnamed or unknown: fall back on where the axis sits
+        if axis == 0:
+            return batch
+        if spec.kind == "mask" and axis == len(spec.dims) - 1:
+            return past + seq
+        if axis == 1 and spec.kind != "float":
+            return seq
+        raise OnnxgrowError(f"cannot tell what size to give dimension {dim!r} (axis {axis}) of input "
+                            f"{spec.name!r}; pass the inputs as an .npz instead")
+
+
+def _is_total(dim: str) -> bool:
+    return "total" in dim.lower()  # "total_sequence_length", "total_seq_len": cache plus new tokens
+
+
+def _positions(spec: InputSpec, shape: tuple, total: int) -> np.ndarray:
+    n = shape[-1] if shape else 1
+    start = max(total - n, 0)  # after a cache of `past` tokens the new ones sit at past..past+seq-1
+    if spec.rows is not None and start + n > spec.rows:
+        raise OnnxgrowError(f"input {spec.name!r} indexes a table of {spec.rows} positions, too few for "
+                            f"{start + n} tokens; use shorter shapes")
+    return np.broadcast_to(np.arange(start, start + n, dtype=spec.dtype), shape).copy()
+
+
+def plan_inputs(model: ir.Model) -> InputPlan:
+    graph = model.graph
+    inputs = [v for v in graph.inputs if v.const_value is None]  # old IRs list initializers as inputs
+    tables = {v.name: _indexed_table_rows(v) for v in inputs if not _is_float(v)}
+    largest = max((rows for rows in tables.values() if rows), default=None)
+    specs = []
+    for v in inputs:
+        dims = [d if isinstance(d, int) else d.value for d in v.shape] if v.shape is not None else []
+        kind, rows = ("float", None) if _is_float(v) else _classify_int_input(v, tables[v.name], largest)
+        if kind == "float" and "mask" in v.name.lower():
+            kind = "mask"  # a float mask looks like any float input; only its name tells (last resort)
+        specs.append(InputSpec(v.name, kind, np.dtype(v.dtype.numpy()), dims, rows))
+
+    ids = next((s for s in specs if s.kind == "tokens"), None)
+    ids = ids or next((s for s in specs if s.kind != "float" and len(s.dims) >= 2), None)
+    ids = ids or (specs[0] if specs else None)
+    axes = [d if isinstance(d, str) else None for d in (ids.dims if ids else [])] + [None, None]
+    batch_dim, seq_dim = axes[0], axes[1]
+    # Whatever else is a plain symbol in a float input (a KV cache) is the cache length, in any layout.
+    past_dims = {d for s in specs if s.kind == "float" for d in s.dims
+                 if isinstance(d, str) and d not in (batch_dim, seq_dim) and re.fullmatch(r"[A-Za-z_]\w*", d)
+                 and not _is_total(d)}
+    return InputPlan(specs, batch_dim, seq_dim, past_dims)
+
+
+def _classify_int_input(value: ir.Value, rows: int | None, largest: int | None) -> tuple[str, int | None]:
+    if rows is not None:
+        if rows == largest:
+            return "tokens", rows
+        if rows <= TYPE_TABLE_MAX_ROWS:
+            return "token_types", rows
+        return "positions", rows
+    # Rotary embeddings multiply positions by the inverse frequencies (Cast, Unsqueeze, MatMul);
+    # a mask is turned into a bias with Sub/Mul/Where, never into a matmul operand.
+    if any(node.op_type in ("MatMul", "Einsum") for node, _ in _forward_uses(value)):
+        return "positions", None
+    name = value.name.lower()  # the graph gave no clue: names are the last resort
+    if "position" in name:
+        return "positions", None
+    if "token_type" in name or "segment" in name:
+        return "token_types", None
+    if "mask" not in name and "ids" in name:
+        return "tokens", None
+    return "mask", None
+
+
+def _forward_uses(value: ir.Value):
+    """Every (node, input index) that reads `value`, directly or through pass-through ops."""
+    stack, seen = [value], set()
+    while stack:
+        v = stack.pop()
+        for node, idx in v.uses():
+            yield node, idx
+            # only the data operand carries the ids through (not a Reshape's shape, say)
+            if node.op_type in PASS_THROUGH and idx == 0 and id(node) not in seen:
+                seen.add(id(node))
+                stack.extend(node.outputs)
+
+
+def _indexed_table_rows(value: ir.Value) -> int | None:
+    """Rows of the largest 2-D float table that `value` indexes through a Gather, if any."""
+    rows = [_table_rows(node.inputs[0]) for node, idx in _forward_uses(value)
+            if node.op_type == "Gather" and idx == 1]
+    rows = [r for r in rows if r is not None]
+    return max(rows, default=None)
+
+
+def _table_rows(value: ir.Value | None) -> int | None:
+    # walk back over casts (half-precision exports store tables one way and gather another)
+    while value is not None and value.const_value is None:
+        node = value.producer()
+        if node is None:
+            return None
+        if node.op_type == "Constant" and "value" in node.attributes:
+            tensor = node.attributes["value"].value
+            break
+        if node.op_type not in ("Cast", "CastLike", "Identity"):
+            return None
+        value = node.inputs[0]
+    else:
+        tensor = value.const_value if value is not None else None
+    if tensor is None or len(tensor.shape) != 2 or not tensor.dtype.is_floating_point():
+        return None
+    return int(tensor.shape[0])
+
+
+def _is_float(value: ir.Value) -> bool:
+    return value.dtype is not None and value.dtype.is_floating_point()
+
+
+def make_inputs(model_path, batch: int, seq: int, past_length: int = 3, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs for the model at `model_path` (or an already loaded ir.Model)."""
+    model = model_path if isinstance(model_path, ir.Model) else modelio.load(model_path)
+    return plan_inputs(model).make(batch, seq, past_length, seed)
+
+
+def _load_npz(path: Path, plan: InputPlan) -> dict[str, np.ndarray]:
+    if not Path(path).is_file():
+        raise OnnxgrowError(f"no such inputs file: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except Exception as e:
+        raise OnnxgrowError(f"{path} is not a readable .npz file ({type(e).__name__})") from None
+    feeds = {}
+    for spec in plan.specs:
+        if spec.name not in arrays:
+            raise OnnxgrowError(f"inputs file {path} lacks input {spec.name!r}")
+        feeds[spec.name] = arrays[spec.name].astype(spec.dtype, copy=False)
+    return feeds
+
+
+def _text_inputs(text: str, tokenizer: Path, plan: InputPlan, past_length: int, seed: int) -> dict[str, np.ndarray]:
+    from tokenizers import Tokenizer  # only this path needs it
+
+    if not Path(tokenizer).is_file():
+        raise OnnxgrowError(f"no such tokenizer file: {tokenizer}")
+    try:
+        ids = Tokenizer.from_file(str(tokenizer)).encode(text).ids
+    except Exception as e:
+        raise OnnxgrowError(f"could not tokenize with {tokenizer}: {_one_line(e)}") from None
+    if not ids:
+        raise OnnxgrowError("the text encodes to no tokens")
+    feeds = plan.make(1, len(ids), past_length, seed)  # masks, positions and caches as usual
+    for spec in plan.specs:
+        if spec.kind == "tokens":
+            if spec.rows is not None and max(ids) >= spec.rows:
+                raise OnnxgrowError(f"the tokenizer gives id {max(ids)} but the model has {spec.rows} tokens")
+            feeds[spec.name] = np.array([ids], dtype=spec.dtype)
+        elif spec.kind == "token_types":
+            feeds[spec.name] = np.zeros_like(feeds[spec.name])
+        elif spec.kind == "mask":
+            feeds[spec.name] = np.ones_like(feeds[spec.name])
+    return feeds
+
+
+# --- the io map --------------------------------------------------------------------------------------
+
+
+def read_io_map(model: ir.Model, path: Path) -> dict[str, dict[str, dict[int, np.ndarray]]]:
+    """The target's io map as {"inputs"|"outputs": {name: {axis: new-to-old index array}}}."""
+    raw = model.metadata_props.get(IO_MAP_KEY)
+    io_map = {"inputs": {}, "outputs": {}}
+    if raw is None:
+        return io_map
+    bad = f"{path} has a malformed {IO_MAP_KEY}"
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError:
+        raise OnnxgrowError(f"{bad} (not JSON)") from None
+    if not isinstance(data, dict) or not set(data) <= {"inputs", "outputs"}:
+        raise OnnxgrowError(f"{bad} (expected keys 'inputs' and 'outputs')")
+    for side in ("inputs", "outputs"):
+        for name, axes in (data.get(side) or {}).items():
+            if not isinstance(axes, dict):
+                raise OnnxgrowError(f"{bad} ({side} {name!r} is not an axis map)")
+            io_map[side][name] = {}
+            for axis, index in axes.items():
+                ok = str(axis).isdigit() and isinstance(index, list) and \
+                    all(isinstance(i, int) and i >= -1 for i in index)
+                if not ok:
+                    raise OnnxgrowError(f"{bad} ({side} {name!r} axis {axis!r})")
+                io_map[side][name][int(axis)] = np.array(index, dtype=np.int64)
+    return io_map
+
+
+def map_input(array: np.ndarray, axes: dict[int, np.ndarray], name: str) -> np.ndarray:
+    """The target's input: source slices gathered per the map, new slots zero."""
+    for axis, index in axes.items():
+        if axis >= array.ndim or (index.size and index.max() >= array.shape[axis]):
+            raise OnnxgrowError(f"io map for input {name!r} axis {axis} does not fit its shape {array.shape}")
+        taken = np.take(array, np.maximum(index, 0), axis=axis)
+        new_slot = (index < 0).reshape([-1 if a == axis else 1 for a in range(array.ndim)])
+        array = np.where(new_slot, np.zeros((), dtype=array.dtype), taken)
+    return array
+
+
+def _first_copies(index: np.ndarray, old_size: int, name: str, axis: int) -> np.ndarray:
+    """For each source index j, the first new index i with index[i] == j."""
+    first = np.full(old_size, -1, dtype=np.int64)
+    for i in range(len(index) - 1, -1, -1):  # backwards, so the first copy is written last
+        if index[i] >= old_size:
+            raise OnnxgrowError(f"io map for output {name!r} axis {axis} points past the source size {old_size}")
+        if index[i] >= 0:
+            first[index[i]] = i
+    missing = np.nonzero(first < 0)[0]
+    if missing.size:
+        raise OnnxgrowError(f"io map for output {name!r} axis {axis} has no slot for source index {missing[0]}")
+    return first
+
+
+def _check_map_fits(target: np.ndarray, axes: dict[int, np.ndarray], name: str) -> None:
+    for axis, index in axes.items():
+        if axis >= target.ndim or len(index) != target.shape[axis]:
+            raise OnnxgrowError(f"io map for output {name!r} axis {axis} has {len(index)} entries but the "
+                                f"target output has shape {target.shape}")
+
+
+def _at_first_copies(target: np.ndarray, axes: dict[int, np.ndarray], source_shape: tuple, name: str,
+                     skip: int | None = None) -> np.ndarray:
+    for axis, index in axes.items():
+        if axis != skip:
+            target = np.take(target, _first_copies(index, source_shape[axis], name, axis), axis=axis)
+    return target
+
+
+def _copies_max_abs(target: np.ndarray, source: np.ndarray, axes: dict[int, np.ndarray], name: str) -> float:
+    """Largest difference between any copy of a source slice and that slice, over all mapped axes."""
+    worst = 0.0
+    for axis, index in axes.items():
+        # the other mapped axes are taken at their first copies so the shapes line up
+        others = _at_first_copies(target, axes, source.shape, name, skip=axis)
+        copies = np.nonzero(index >= 0)[0]
+        diff = _abs_diff(np.take(others, copies, axis=axis), np.take(source, index[copies], axis=axis))
+        worst = max(worst, float(diff.max(initial=0.0)))
+    return worst
+
+
+# --- comparing outputs --------------------------------------------------------------------------------
+
+
+@dataclass
+class OutputCheck:
+    """One output's agreement over all input cases."""
+
+    name: str
+    shape: tuple  # the source output's shape in the last case
+    dtype: str  # the lower precision of source and target: the one the tolerance is for
+    tolerance: float
+    max_abs_diff: float = 0.0
+    # max |target - source| / (max |source| + 1e-6): the worst error relative to the output's scale.
+    # Elementwise ratios are not used because they explode on entries near zero and say nothing there.
+    max_rel_diff: float = 0.0
+    cosine: float | None = 1.0  # the smallest over the cases, of the flattened outputs
+    top1_agreement: float | None = None  # share of positions where argmax over the last axis agrees
+    copies_max_abs: float | None = None  # only for outputs the io map widened
+    note: str = ""  # why the output could not be compared
+    _top1_hits: int = field(default=0, repr=False)
+    _top1_total: int = field(default=0, repr=False)
+
+    @property
+    def passed(self) -> bool:
+        within = self.max_abs_diff <= self.tolerance  # NaN compares False, so a NaN fails
+        return within and not self.note and (self.copies_max_abs is None or self.copies_max_abs <= self.tolerance)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "tolerance": self.tolerance,
+                "max_abs_diff": _json_float(self.max_abs_diff), "max_rel_diff": _json_float(self.max_rel_diff),
+                "cosine": _json_float(self.cosine), "top1_agreement": _json_float(self.top1_agreement),
+                "copies_max_abs": _json_float(self.copies_max_abs), "note": self.note or None,
+                "passed": self.passed}
+
+
+def _json_float(x: float | None):
+    if x is None:
+        return None
+    return x if math.isfinite(x) else str(x)  # strict JSON has no inf/nan
+
+
+def _abs_diff(target: np.ndarray, source: np.ndarray) -> np.ndarray:
+    t, s = target.astype(np.float64), source.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        diff = np.where(t == s, 0.0, np.abs(t - s))  # equal infinities agree
+    diff[np.isnan(t) & np.isnan(s)] = 0.0
+    return np.nan_to_num(diff, nan=np.inf)  # a NaN on one side only is as wrong as it gets
+
+
+def _cosine(target: np.ndarray, source: np.ndarray) -> float:
+    t, s = target.astype(np.float64).ravel(), source.astype(np.float64).ravel()
+    nt, ns = np.linalg.norm(t), np.linalg.norm(s)
+    if nt == 0 and ns == 0:
+        return 1.0
+    if nt == 0 or ns == 0:
+        return 0.0
+    return float(np.dot(t, s) / (nt * ns))
+
+
+def _is_floating(dtype: np.dtype) -> bool:
+    return dtype.kind == "f" or dtype == ml_dtypes.bfloat16  # numpy files bfloat16 under kind "V"
+
+
+def _tolerance_for(*dtypes: np.dtype) -> tuple[str, float]:
+    """The loosest default tolerance among the dtypes, and that dtype's name."""
+    named = [(str(d), DEFAULT_TOLERANCE.get(str(d), 0.0)) for d in dtypes]  # ints and bools must match
+    return max(named, key=lambda item: item[1])
+
+
+def _compare(check: OutputCheck, target: np.ndarray, source: np.ndarray, axes: dict[int, np.ndarray]) -> None:
+    check.shape = source.shape
+    if axes:
+        _check_map_fits(target, axes, check.name)
+        copies = _copies_max_abs(target, source, axes, check.name)
+        check.copies_max_abs = max(check.copies_max_abs or 0.0, copies)
+        target = _at_first_copies(target, axes, source.shape, check.name)
+    if target.shape != source.shape:
+        check.note = f"target shape {target.shape} differs from source {source.shape} and no io map says why"
+        check.max_abs_diff = check.max_rel_diff = math.inf
+        check.cosine = None
+        return
+    diff = _abs_diff(target, source)
+    max_abs = float(diff.max(initial=0.0))
+    finite = np.abs(source[np.isfinite(source)].astype(np.float64))
+    scale = float(finite.max(initial=0.0))
+    check.max_abs_diff = max(check.max_abs_diff, max_abs)
+    check.max_rel_diff = max(check.max_rel_diff, max_abs / (scale + 1e-6))
+    check.cosine = min(check.cosine, _cosine(target, source)) if check.cosine is not None else None
+    last = source.ndim - 1
+    if source.ndim >= 1 and source.shape[-1] > 1 and last not in axes and _is_floating(source.dtype):
+        hits = np.argmax(target.astype(np.float32), axis=-1) == np.argmax(source.astype(np.float32), axis=-1)
+        check._top1_hits += int(hits.sum())
+        check._top1_total += int(hits.size)
+        check.top1_agreement = check._top1_hits / max(check._top1_total, 1)
+
+
+# --- the report -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    source: str
+    target: str
+    provider: str
+    cases: list[dict[str, list[int]]]  # the source input shapes of each case
+    past_length: int | None
+    tolerance_note: str
+    outputs: list[OutputCheck]
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outputs)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.passed else NOT_PRESERVED
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "exit_code": self.exit_code, "source": self.source, "target": self.target,
+                "provider": self.provider, "cases": self.cases, "past_length": self.past_length,
+                "tolerance": self.tolerance_note, "outputs": [o.to_dict() for o in self.outputs]}
+
+    def print(self, console) -> None:
+        from rich.table import Table
+
+        console.print(f"[bold]{self.source}[/] -> [bold]{self.target}[/] on {self.provider}, "
+                      f"{len(self.cases)} input case(s); tolerance {self.tolerance_note}")
+        show_copies = any(o.copies_max_abs is not None for o in self.outputs)
+        table = Table(show_header=True, header_style="bold")
+        for column in ("output", "shape", "max abs", "max rel", "cosine", "top-1") + \
+                (("copies",) if show_copies else ()) + ("verdict",):
+            table.add_column(column, justify="left" if column in ("output", "shape", "verdict") else "right")
+        for o in self.outputs:
+            row = [o.name, "x".join(map(str, o.shape)), _fmt(o.max_abs_diff), _fmt(o.max_rel_diff),
+                   "-" if o.cosine is None else f"{o.cosine:.6f}",
+                   "-" if o.top1_agreement is None else f"{o.top1_agreement:.1%}"]
+            if show_copies:
+                row.append("-" if o.copies_max_abs is None else _fmt(o.copies_max_abs))
+            verdict = "[green]pass[/]" if o.passed else f"[red]FAIL[/] (tol {o.tolerance:g})"
+            row.append(verdict + (f" {o.note}" if o.note else ""))
+            table.add_row(*row)
+        console.print(table)
+        console.print("[green]outputs preserved[/]" if self.passed else "[red]outputs NOT preserved[/]")
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.2e}" if math.isfinite(x) else str(x)
+
+
+# --- validate ---------------------------------------------------------------------------------------------
+
+
+def validate(source: Path, target: Path, *, provider: str = "auto", inputs: Path | None = None,
+             tolerance: float | None = None, shapes=DEFAULT_SHAPES, past_length: int = 3, seed: int = 0,
+             text: str | None = None, tokenizer: Path | None = None) -> Report:
+    """Run `source` and `target` on the same inputs and compare every source output."""
+    source, target = Path(source), Path(target)
+    if inputs is not None and text is not None:
+        raise OnnxgrowError("give either an inputs file or a text, not both")
+    if (text is None) != (tokenizer is None):
+        raise OnnxgrowError("a text needs a tokenizer and a tokenizer needs a text")
+    source_model, target_model = modelio.load(source), modelio.load(target)
+    _check_same_interface(source_model, target_model, source, target)
+    io_map = read_io_map(target_model, target)
+    _check_io_map_names(io_map, source_model, target_model, target)
+    plan = plan_inputs(source_model)
+
+    if inputs is not None:
+        cases = [_load_npz(Path(inputs), plan)]
+    elif text is not None:
+        cases = [_text_inputs(text, Path(tokenizer), plan, past_length, seed)]
+    else:
+        cases = [plan.make(batch, seq, past_length, seed) for batch, seq in shapes]
+
+    source_session, target_session = open_session(source, provider), open_session(target, provider)
+    output_names = [o.name for o in source_session.get_outputs()]
+    checks: dict[str, OutputCheck] = {}
+    for feeds in cases:
+        expected = run_model(source_session, feeds)
+        target_feeds = {name: map_input(array, io_map["inputs"].get(name, {}), name) for name, array in feeds.items()}
+        got = run_model(target_session, target_feeds)
+        for name in output_names:
+            if name not in checks:
+                dtype, default = _tolerance_for(expected[name].dtype, got[name].dtype)
+                checks[name] = OutputCheck(name, expected[name].shape, dtype,
+                                           default if tolerance is None else tolerance)
+            _compare(checks[name], got[name], expected[name], io_map["outputs"].get(name, {}))
+
+    note = TOLERANCE_NOTE if tolerance is None else f"{tolerance:g} (given)"
+    shapes_fed = [{name: list(array.shape) for name, array in feeds.items()} for feeds in cases]
+    return Report(str(source), str(target), source_session.get_providers()[0], shapes_fed,
+                  past_length if plan.past_dims and inputs is None else None, note, list(checks.values()))
+
+
+def _check_same_interface(source_model: ir.Model, target_model: ir.Model, source: Path, target: Path) -> None:
+    def names(values):
+        return [v.name for v in values if v.const_value is None]
+
+    src_in, tgt_in = names(source_model.graph.inputs), names(target_model.graph.inputs)
+    if set(src_in) != set(tgt_in):
+        only_src = sorted(set(src_in) - set(tgt_in))
+        only_tgt = sorted(set(tgt_in) - set(src_in))
+        raise OnnxgrowError(f"{source} and {target} have different inputs (only in source: {only_src}, "
+                            f"only in target: {only_tgt})")
+    missing = sorted(set(names(source_model.graph.outputs)) - set(names(target_model.graph.outputs)))
+    if missing:
+        raise OnnxgrowError(f"{target} lacks the source outputs {missing}")
+
+
+def _check_io_map_names(io_map: dict, source_model: ir.Model, target_model: ir.Model, target: Path) -> None:
+    inputs = {v.name for v in target_model.graph.inputs}
+    outputs = {v.name for v in source_model.graph.outputs}
+    for side, known in (("inputs", inputs), ("outputs", outputs)):
+        unknown = sorted(set(io_map[side]) - known)
+        if unknown:
+            raise OnnxgrowError(f"{target}'s {IO_MAP_KEY} names {side} the models do not have: {unknown}")
