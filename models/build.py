@@ -52,7 +52,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 HERE = Path(__file__).resolve().parent
 ZOO_DIR = HERE / "zoo"
 DEFAULT_MODEL = HERE / "default" / "tiny-gpt2.onnx"
-BUILD_VERSION = 1  # bump to force every zoo to rebuild after a change in how models are made
+BUILD_VERSION = 2  # bump to force every zoo to rebuild after a change in how models are made
 
 # -----------------------------------------------------------------------------
 # sizes
@@ -258,7 +258,8 @@ def describe(spec, model):
         norm=fam.norm, norm_position=fam.norm_position, positional=fam.positional,
         tied_embeddings=out_emb is not None and out_emb.weight is model.get_input_embeddings().weight,
         activation=getattr(c, "activation_function", None) or c.hidden_act,
-        parallel_residual=fam.parallel_residual)
+        parallel_residual=fam.parallel_residual,
+        num_parameters=sum(p.numel() for p in model.parameters()))  # a tied weight counts once
     # details a graph matcher needs beyond the requested keys
     if fam.positional == "rotary":
         config["rotary_dim"] = int(config["head_dim"] * getattr(c, "partial_rotary_factor", 1.0))

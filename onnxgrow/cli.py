@@ -134,6 +134,46 @@ def widen(model: Path = typer.Argument(..., help="source ONNX model"),
     after = api.inspect(output)
     out.print(config_table(f"{model} -> {output} ({method})", before.config(), after,
                            headers=("source", "target")))
+    finish(report, output)
+
+
+def parse_positions(at: str | None) -> list[int] | None:
+    if at is None:
+        return None
+    try:
+        return [int(p) for p in at.split(",") if p.strip()]
+    except ValueError:
+        raise OnnxgrowError(f"--at takes comma-separated block indices, got {at!r}") from None
+
+
+@app.command()
+@one_line_errors
+def deepen(model: Path = typer.Argument(..., help="source ONNX model"),
+           layers: Optional[int] = typer.Option(None, help="target number of blocks"),
+           factor: Optional[int] = typer.Option(None, "--factor", "-k", help="depth multiplier"),
+           method: str = typer.Option("identity", help="identity | stack | interleave"),
+           at: Optional[str] = typer.Option(None, help="insert after these blocks (0-based, comma-separated)"),
+           noise: float = typer.Option(0.0, help="noise on the copied blocks, fraction of each weight's std"),
+           seed: int = typer.Option(0),
+           output: Optional[Path] = typer.Option(None, "--output", "-o"),
+           force: bool = typer.Option(False, help="replace an existing output"),
+           verify: bool = typer.Option(True, help="run both models in ONNX Runtime and compare")):
+    """Make MODEL deeper: identity blocks (exact), or stacked / interleaved copies of its blocks."""
+    source = modelio.load(model)
+    before = api.load_structure(api.as_ir(source))
+    positions = parse_positions(at)
+    deep = api.deepen_ir(source, layers, factor=factor, method=method, at=positions, noise=noise, seed=seed)
+    target_layers = layers or (len(before.blocks) * factor if factor else len(before.blocks) + len(positions))
+    output = output or api.default_output(model, f"deepen-l{target_layers}")
+    exact = api.load_pass(method, api.DEEPEN_METHODS).EXACT and noise == 0
+    report = write_checked(deep, model, output, force, exact, verify)
+    after = api.inspect(output)
+    out.print(config_table(f"{model} -> {output} ({method})", before.config(), after,
+                           headers=("source", "target")))
+    finish(report, output)
+
+
+def finish(report, output: Path):
     if report is not None:
         report.print(out)
         verdict = "preserved" if report.passed else "changed (expected for this method)"

@@ -522,12 +522,16 @@ def position_of_norms(flow, blocks) -> str:
 
 def count_parameters(spec: TransformerSpec) -> int:
     """Float weights that carry a model dimension (buffers like rotary frequencies are not counted)."""
-    model_dims = {id(d.root()) for d in [spec.hidden, *spec.ffn] + [
+    model_dims = {id(d.root()) for d in [spec.hidden, spec.vocab, *spec.ffn] + [
         d for b in spec.blocks for d in (b.attention.kv_heads, b.attention.group) if d is not None]}
-    total, seen = 0, set()
+    tied_copy = None
+    if spec.tied_embeddings and spec.lm_head is not None:
+        head = weight_of(spec.flow, spec.lm_head)[0]
+        tied_copy = None if head is spec.token_embedding else head.name  # one parameter, stored twice
+    total = 0
     for name, v in spec.model.graph.initializers.items():
         t = v.const_value
-        if not t.dtype.is_floating_point() or len(t.shape) == 0:
+        if not t.dtype.is_floating_point() or len(t.shape) == 0 or name == tied_copy:
             continue
         if any(id(a.root()) in model_dims for d in spec.flow.dims[v] for a in atoms(d)):
             total += t.size

@@ -269,8 +269,7 @@ def plan_inputs(model: ir.Model) -> InputPlan:
     batch_dim, seq_dim = axes[0], axes[1]
     # Whatever else is a plain symbol in a float input (a KV cache) is the cache length, in any layout.
     past_dims = {d for s in specs if s.kind == "float" for d in s.dims
-                 if isinstance(d, str) and d not in (batch_dim, seq_dim) and re.fullmatch(r"[A-Za-z_]\w*", d)
-                 and not _is_total(d)}
+                 if isinstance(d, str) and d not in (batch_dim, seq_dim) and re.fullmatch(r"[A-Za-z_]\w*", d)}
     return InputPlan(specs, batch_dim, seq_dim, past_dims)
 
 
@@ -316,23 +315,29 @@ def _indexed_table_rows(value: ir.Value) -> int | None:
     return max(rows, default=None)
 
 
-def _table_rows(value: ir.Value | None) -> int | None:
-    # walk back over casts (half-precision exports store tables one way and gather another)
-    while value is not None and value.const_value is None:
-        node = value.producer()
-        if node is None:
-            return None
-        if node.op_type == "Constant" and "value" in node.attributes:
-            tensor = node.attributes["value"].value
-            break
-        if node.op_type not in ("Cast", "CastLike", "Identity"):
-            return None
-        value = node.inputs[0]
-    else:
-        tensor = value.const_value if value is not None else None
+def _table_rows(value: ir.Value) -> int | None:
+    tensor = _constant(value)
     if tensor is None or len(tensor.shape) != 2 or not tensor.dtype.is_floating_point():
         return None
     return int(tensor.shape[0])
+
+
+def _constant(value: ir.Value | None):
+    """The tensor behind `value` when it is a constant, looking through casts (half-precision
+    exports store a table in one dtype and gather from a cast of it)."""
+    while value is not None:
+        if value.const_value is not None:
+            return value.const_value
+        node = value.producer()
+        if node is None:
+            return None
+        if node.op_type == "Constant":
+            attribute = node.attributes.get("value")
+            return attribute.value if attribute is not None else None
+        if node.op_type not in ("Cast", "CastLike", "Identity"):
+            return None
+        value = node.inputs[0]
+    return None
 
 
 def _is_float(value: ir.Value) -> bool:
@@ -538,16 +543,17 @@ def _tolerance_for(*dtypes: np.dtype) -> tuple[str, float]:
 
 def _compare(check: OutputCheck, target: np.ndarray, source: np.ndarray, axes: dict[int, np.ndarray]) -> None:
     check.shape = source.shape
-    if axes:
-        _check_map_fits(target, axes, check.name)
-        copies = _copies_max_abs(target, source, axes, check.name)
-        check.copies_max_abs = max(check.copies_max_abs or 0.0, copies)
-        target = _at_first_copies(target, axes, source.shape, check.name)
-    if target.shape != source.shape:
-        check.note = f"target shape {target.shape} differs from source {source.shape} and no io map says why"
+    _check_map_fits(target, axes, check.name)
+    expected_shape = tuple(len(axes[a]) if a in axes else n for a, n in enumerate(source.shape))
+    if target.shape != expected_shape:
+        check.note = f"target shape {target.shape} where the source and io map give {expected_shape}"
         check.max_abs_diff = check.max_rel_diff = math.inf
         check.cosine = None
         return
+    if axes:
+        copies = _copies_max_abs(target, source, axes, check.name)
+        check.copies_max_abs = max(check.copies_max_abs or 0.0, copies)
+        target = _at_first_copies(target, axes, source.shape, check.name)
     diff = _abs_diff(target, source)
     max_abs = float(diff.max(initial=0.0))
     finite = np.abs(source[np.isfinite(source)].astype(np.float64))
@@ -590,30 +596,44 @@ class Report:
                 "tolerance": self.tolerance_note, "outputs": [o.to_dict() for o in self.outputs]}
 
     def print(self, console) -> None:
+        from rich import box
+        from rich.markup import escape
         from rich.table import Table
 
-        console.print(f"[bold]{self.source}[/] -> [bold]{self.target}[/] on {self.provider}, "
+        console.print(f"[bold]{escape(self.source)}[/] -> [bold]{escape(self.target)}[/] on {self.provider}, "
                       f"{len(self.cases)} input case(s); tolerance {self.tolerance_note}")
         show_copies = any(o.copies_max_abs is not None for o in self.outputs)
-        table = Table(show_header=True, header_style="bold")
-        for column in ("output", "shape", "max abs", "max rel", "cosine", "top-1") + \
-                (("copies",) if show_copies else ()) + ("verdict",):
-            table.add_column(column, justify="left" if column in ("output", "shape", "verdict") else "right")
+        # no vertical rules and a whole name column: KV-cache models have many long output names
+        table = Table(show_header=True, header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False,
+                      collapse_padding=True)
+        table.add_column("output", no_wrap=True, min_width=min(max(len(o.name) for o in self.outputs), 32))
+        table.add_column("shape", overflow="fold")
+        for column in ("max abs", "max rel", "cosine", "top-1") + (("copies",) if show_copies else ()):
+            table.add_column(column, justify="right", no_wrap=True)
+        table.add_column("verdict")
         for o in self.outputs:
-            row = [o.name, "x".join(map(str, o.shape)), _fmt(o.max_abs_diff), _fmt(o.max_rel_diff),
+            row = [escape(o.name), "x".join(map(str, o.shape)), _fmt(o.max_abs_diff), _fmt(o.max_rel_diff),
                    "-" if o.cosine is None else f"{o.cosine:.6f}",
                    "-" if o.top1_agreement is None else f"{o.top1_agreement:.1%}"]
             if show_copies:
                 row.append("-" if o.copies_max_abs is None else _fmt(o.copies_max_abs))
-            verdict = "[green]pass[/]" if o.passed else f"[red]FAIL[/] (tol {o.tolerance:g})"
-            row.append(verdict + (f" {o.note}" if o.note else ""))
+            row.append("[green]pass[/]" if o.passed else "[red]FAIL[/]")
             table.add_row(*row)
         console.print(table)
+        for o in self.outputs:
+            if not o.passed:
+                console.print(f"{escape(o.name)}: {escape(o.note) if o.note else _why(o)}")
         console.print("[green]outputs preserved[/]" if self.passed else "[red]outputs NOT preserved[/]")
 
 
+def _why(o: OutputCheck) -> str:
+    if not o.max_abs_diff <= o.tolerance:
+        return f"max abs diff {_fmt(o.max_abs_diff)} > tolerance {o.tolerance:g}"
+    return f"a duplicated slice differs from its source by {_fmt(o.copies_max_abs)} > tolerance {o.tolerance:g}"
+
+
 def _fmt(x: float) -> str:
-    return f"{x:.2e}" if math.isfinite(x) else str(x)
+    return f"{x:.1e}" if math.isfinite(x) else str(x)
 
 
 # --- validate ---------------------------------------------------------------------------------------------
