@@ -196,6 +196,7 @@ def insert_after(graph: ir.Graph, blocks: list[BlockGraph], plan: dict[int, list
             name = after.r_out.name
             after.r_out.name = unique_name(graph, name + ".inner")
             stream.name = name
+            stream.type, stream.shape = after.r_out.type, after.r_out.shape
             graph.outputs[k] = stream
     graph.sort()
     return to_zero

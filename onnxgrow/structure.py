@@ -175,6 +175,15 @@ def is_activation(flow: ShapeFlow, v: ir.Value | None) -> bool:
 
 def find_structure(model: ir.Model, flow: ShapeFlow | None = None) -> TransformerSpec:
     flow = flow or analyse(model)
+    try:
+        return match(model, flow)
+    except (TypeError, KeyError, IndexError, AttributeError, StopIteration):
+        # the walk met a value the analysis could not describe: say where the analysis stopped
+        stuck = "; ".join(str(p) for p in flow.problems[:3]) or "an unexpected graph layout"
+        raise UnsupportedGraph(f"cannot follow the graph: {stuck}") from None
+
+
+def match(model: ir.Model, flow: ShapeFlow) -> TransformerSpec:
     g = model.graph
     is_proj = lambda n: weight_of(flow, n) is not None
     missing = []

@@ -1,0 +1,73 @@
+"""deepen: identity blocks are exact on pre-norm models; stacking and interleaving reach the depth."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+import onnxgrow
+from onnxgrow.api import deepen
+from onnxgrow.cli import app
+from onnxgrow.errors import OnnxgrowError
+from conftest import DEFAULT_MODEL, SMALL_NAMES
+from helpers import save_and_validate, worst
+
+PRE_NORM = [n for n in SMALL_NAMES if not n.startswith("bert") and "optimum" not in n]
+POST_NORM = [n for n in SMALL_NAMES if n.startswith("bert")]
+KV_CACHE = [n for n in SMALL_NAMES if "optimum" in n]
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("how", [dict(layers=3), dict(factor=2), dict(factor=3), dict(at=[0, 0, 1])])
+@pytest.mark.parametrize("name", PRE_NORM)
+def test_identity_blocks_preserve_outputs(zoo, tmp_path, name, how):
+    entry = zoo[name]
+    deep = deepen(entry["file"], **how)
+    report = save_and_validate(deep, entry["file"], tmp_path / "deep.onnx", tolerance=1e-5)
+    assert report.passed and worst(report) <= 1e-5, report.to_dict()
+    expected = how.get("layers") or 2 * how.get("factor", 0) or 2 + len(how["at"])
+    assert onnxgrow.inspect(tmp_path / "deep.onnx")["num_layers"] == expected
+
+
+@pytest.mark.parametrize("name", POST_NORM)
+def test_identity_is_refused_for_post_norm(zoo, name):
+    with pytest.raises(OnnxgrowError, match="pre-norm"):
+        deepen(zoo[name]["file"], factor=2)
+
+
+@pytest.mark.parametrize("name", KV_CACHE)
+def test_kv_cache_exports_are_refused_clearly(zoo, name):
+    with pytest.raises(OnnxgrowError, match="KV cache"):
+        deepen(zoo[name]["file"], factor=2)
+
+
+@pytest.mark.parametrize("method", ["stack", "interleave"])
+@pytest.mark.parametrize("name", PRE_NORM + POST_NORM)
+def test_stack_and_interleave_reach_the_depth(zoo, tmp_path, name, method):
+    entry = zoo[name]
+    for layers in (3, 4):
+        deep = deepen(entry["file"], layers, method=method)
+        report = save_and_validate(deep, entry["file"], tmp_path / f"deep{layers}.onnx")
+        assert all(o.cosine is not None and o.cosine > 0 for o in report.outputs)  # ORT ran it
+        assert onnxgrow.inspect(tmp_path / f"deep{layers}.onnx")["num_layers"] == layers
+
+
+@pytest.mark.parametrize("name", ["gpt2-ts17", "llama-gqa-dynamo18", "neox-ts14", "opt-dynamo18"])
+def test_widen_and_deepen_compose(zoo, tmp_path, name):
+    src = zoo[name]["file"]
+    a = deepen(onnxgrow.widen(src, 2), factor=2)
+    b = onnxgrow.widen(deepen(src, factor=2), 2)
+    for i, model in enumerate((a, b)):
+        report = save_and_validate(model, src, tmp_path / f"m{i}.onnx")
+        assert report.passed and worst(report) <= 1e-4
+        got = onnxgrow.inspect(tmp_path / f"m{i}.onnx")
+        assert (got["num_layers"], got["hidden_size"]) == (4, 2 * zoo[name]["config"]["hidden_size"])
+
+
+def test_cli_deepen(tmp_path):
+    out = tmp_path / "deep.onnx"
+    result = runner.invoke(app, ["deepen", str(DEFAULT_MODEL), "--at", "1,1", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert onnxgrow.inspect(out)["num_layers"] == 4
+    bad = runner.invoke(app, ["deepen", str(DEFAULT_MODEL), "--at", "7", "-o", str(tmp_path / "x.onnx")])
+    assert bad.exit_code == 2 and "--at" in bad.output and not (tmp_path / "x.onnx").exists()

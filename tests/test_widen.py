@@ -1,0 +1,134 @@
+"""widen: HyperCloning is exact on every export; FPI, AKI and padding run and are measured."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from typer.testing import CliRunner
+
+import onnxgrow
+from onnxgrow.cli import app
+from onnxgrow.errors import UnsupportedGraph
+from conftest import DEFAULT_MODEL, SMALL_NAMES
+from helpers import save_and_validate, worst
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("factor,noise", [(2, 0.0), (3, 0.0), (2, 0.01), (3, 0.01)])
+@pytest.mark.parametrize("name", SMALL_NAMES)
+def test_hypercloning_preserves_outputs(zoo, tmp_path, name, factor, noise):
+    entry = zoo[name]
+    wide = onnxgrow.widen(entry["file"], factor, noise=noise)
+    report = save_and_validate(wide, entry["file"], tmp_path / "wide.onnx")
+    assert report.passed and worst(report) <= 1e-4, report.to_dict()
+    got, src = onnxgrow.inspect(tmp_path / "wide.onnx"), entry["config"]
+    assert got["hidden_size"] == factor * src["hidden_size"]
+    assert got["num_heads"] == factor * src["num_heads"]
+    assert got["num_kv_heads"] == factor * src["num_kv_heads"]
+    assert got["ffn_size"] == factor * src["ffn_size"]
+    assert got["head_dim"] == src["head_dim"] and got["num_layers"] == src["num_layers"]
+    assert got["tied_embeddings"] == src["tied_embeddings"]  # tied stays tied, in value
+
+
+@pytest.mark.parametrize("factor", [2, 3])
+def test_hypercloning_minilm(zoo, tmp_path, factor):
+    entry = zoo["minilm-ts17"]
+    report = save_and_validate(onnxgrow.widen(entry["file"], factor), entry["file"], tmp_path / "wide.onnx")
+    assert report.passed and worst(report) <= 1e-4
+    assert onnxgrow.inspect(tmp_path / "wide.onnx")["hidden_size"] == 384 * factor
+
+
+def weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def test_noise_breaks_the_symmetry_between_copies(zoo):
+    src = zoo["llama-gqa-dynamo18"]["file"]
+    plain, noisy = weights(onnxgrow.widen(src, 2)), weights(onnxgrow.widen(src, 2, noise=0.05))
+    changed = [n for n in plain if plain[n].dtype == np.float32 and not np.array_equal(plain[n], noisy[n])]
+    assert len(changed) >= 7 * 2  # every weight that sums over copied inputs, in every layer
+    w = noisy[changed[0]]
+    half = w.shape[0] // 2
+    assert not np.allclose(w[:half], w[half:])  # the two copies now differ
+
+
+def test_tied_embedding_stays_one_value(zoo):
+    wide = weights(onnxgrow.widen(zoo["gpt2-ts17"]["file"], 2))
+    table = wide["transformer.wte.weight"]
+    copies = [w for w in wide.values() if w.shape == table.T.shape and np.array_equal(w, table.T)]
+    assert table.shape == (1000, 128) and copies  # the head's transposed copy equals the grown table
+
+
+@pytest.mark.parametrize("method", ["fpi", "aki", "pad"])
+@pytest.mark.parametrize("name", SMALL_NAMES)
+def test_any_size_methods_run(zoo, tmp_path, name, method):
+    entry = zoo[name]
+    c = entry["config"]
+    target = dict(hidden=c["hidden_size"] * 3 // 2, heads=c["num_heads"] * 3 // 2,
+                  kv_heads=c["num_kv_heads"] * 3 // 2, ffn=c["ffn_size"] * 3 // 2)
+    wide = onnxgrow.widen(entry["file"], method=method, **target)
+    report = save_and_validate(wide, entry["file"], tmp_path / "wide.onnx")
+    for output in report.outputs:
+        assert np.isfinite(output.max_abs_diff) and output.cosine > 0.5  # ran, and still related
+    got = onnxgrow.inspect(tmp_path / "wide.onnx")
+    assert (got["hidden_size"], got["num_heads"], got["num_kv_heads"], got["ffn_size"]) == (
+        target["hidden"], target["heads"], target["kv_heads"], target["ffn"])
+
+
+def test_fpi_with_integer_factor_is_hypercloning_like(zoo, tmp_path):
+    """FPI copying every neuron exactly once more is exact, like HyperCloning."""
+    entry = zoo["llama-gqa-dynamo18"]
+    spec = onnxgrow.structure(entry["file"])
+    from onnxgrow.resize import Plan, Resizer
+    from passes import fpi
+    import onnx_ir as ir
+    sizes = {d: 2 * d.size for d in [spec.hidden, spec.kv_heads, *spec.ffn]}
+    plans = {d: Plan(np.concatenate([np.arange(d.size), np.arange(d.size)])) for d in sizes}
+    model = Resizer(spec, plans).apply(fpi.rule())
+    report = save_and_validate(ir.to_proto(model), entry["file"], tmp_path / "w.onnx")
+    assert report.passed
+
+
+def custom_op_on_the_stream(tmp_path):
+    model = onnx.load(DEFAULT_MODEL)
+    ln = next(n for n in model.graph.node if n.op_type == "LayerNormalization")
+    original = ln.output[0]
+    ln.output[0] = original + "_pre"
+    model.graph.node.insert(list(model.graph.node).index(ln) + 1,
+                            onnx.helper.make_node("Mystery", [original + "_pre"], [original], domain="my.ops"))
+    model.opset_import.append(onnx.helper.make_opsetid("my.ops", 1))
+    path = tmp_path / "custom.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def test_unclassifiable_node_is_refused_by_name(tmp_path):
+    path = custom_op_on_the_stream(tmp_path)
+    with pytest.raises(UnsupportedGraph, match="Mystery"):
+        onnxgrow.widen(path, 2)
+    before = set(tmp_path.iterdir())
+    result = runner.invoke(app, ["widen", str(path), "--factor", "2"])
+    assert result.exit_code == 2 and "Mystery" in result.output
+    assert set(tmp_path.iterdir()) == before
+
+
+def test_cli_widen_writes_next_to_input_and_never_overwrites(tmp_path):
+    src = tmp_path / "tiny.onnx"
+    src.write_bytes(DEFAULT_MODEL.read_bytes())
+    result = runner.invoke(app, ["widen", str(src), "--factor", "2"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "tiny.widen2x.onnx").exists()
+    again = runner.invoke(app, ["widen", str(src), "--factor", "2"])
+    assert again.exit_code == 2 and "exists" in again.output
+    same = runner.invoke(app, ["widen", str(src), "--factor", "2", "-o", str(src), "--force"])
+    assert same.exit_code == 2 and "input" in same.output
+    assert src.read_bytes() == DEFAULT_MODEL.read_bytes()
+
+
+def test_cli_rejects_non_integer_hypercloning(tmp_path):
+    result = runner.invoke(app, ["widen", str(DEFAULT_MODEL), "--factor", "1.5", "-o", str(tmp_path / "x.onnx")])
+    assert result.exit_code == 2 and "integer" in result.output
+    assert not (tmp_path / "x.onnx").exists()
