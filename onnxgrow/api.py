@@ -70,6 +70,9 @@ def widen_sizes(spec: TransformerSpec, factor: float | None = None, hidden: int 
         raise OnnxgrowError("this model has as many key/value heads as query heads; --kv-heads must equal --heads")
     if heads % kv_heads:
         raise OnnxgrowError(f"--heads {heads} is not a multiple of --kv-heads {kv_heads}")
+    if old_kv == 1 and kv_heads > 1:
+        raise OnnxgrowError("multi-query attention (one key/value head): growing the kv heads is not "
+                            "supported; keep --kv-heads 1")
     sizes = {spec.hidden: hidden}
     for d in distinct(b.attention.kv_heads for b in spec.blocks):
         sizes[d] = kv_heads

@@ -200,3 +200,38 @@ def insert_after(graph: ir.Graph, blocks: list[BlockGraph], plan: dict[int, list
             graph.outputs[k] = stream
     graph.sort()
     return to_zero
+
+
+def remove_blocks(spec: TransformerSpec, blocks: list[BlockGraph], indices: list[int]) -> None:
+    """Delete blocks: the stream skips them (r_out's readers read r_in), then their nodes go.
+
+    Exporters often read the size of a value inside the first block to build masks for all layers
+    (Shape of a norm's output, say). Such a read moves to r_in when the two have the same Dims.
+    """
+    graph = spec.model.graph
+    for i in sorted(set(indices), reverse=True):
+        block = blocks[i]
+        inside = {id(n) for n in block.nodes}
+        if block.r_out.is_graph_output():
+            raise UnsupportedGraph(f"block {i} writes the graph output {block.r_out.name!r}; "
+                                   "keep the last block (use --keep-layers)")
+        for use in list(block.r_out.uses()):
+            if id(use.node) not in inside:
+                use.node.replace_input_with(use.idx, block.r_in)
+        stream_dims = spec.flow.dims.get(block.r_in)
+        for node in block.nodes:
+            for out in node.outputs:
+                dims = spec.flow.dims.get(out)
+                for use in list(out.uses()):
+                    if id(use.node) in inside or use.node.op_type not in ("Shape", "Size"):
+                        continue
+                    if dims and stream_dims and len(dims) == len(stream_dims) and all(
+                            a.root() is b.root() for a, b in zip(dims, stream_dims)):
+                        use.node.replace_input_with(use.idx, block.r_in)
+        for node in reversed(block.nodes):
+            if not any(out.uses() or out.is_graph_output() for out in node.outputs):
+                graph.remove(node, safe=True)
+    used = {id(v) for n in graph for v in n.inputs if v is not None} | {id(v) for v in graph.outputs}
+    for name, value in list(graph.initializers.items()):
+        if id(value) not in used:
+            del graph.initializers[name]

@@ -348,13 +348,17 @@ def head_geometry(flow: ShapeFlow, att: Attention, qk: ir.Node):
     what is left (created by the repeat of K/V for grouped-query attention) is the group size."""
     qshape = flow.dims[qk.inputs[0]]
     head_dim = qshape[-1].root()
-    head_factors = [f for d in qshape[:-2] for f in factors(d) if f.size not in (None, 1)]
-    if not head_factors:
-        raise UnsupportedGraph(f"cannot find the head axis of attention {att.softmax.name!r}")
     k_weight = weight_of(flow, att.k_proj)[0]
     k_atoms = {id(a) for a in atoms(flow.dims[k_weight][out_axis(flow, att.k_proj)])}
+    # a single kv head (multi-query attention) is a real factor of size 1
+    head_factors = [f for d in qshape[:-2] for f in factors(d)
+                    if f.size is not None and (f.size != 1 or id(f.root()) in k_atoms)]
+    if not head_factors:
+        raise UnsupportedGraph(f"cannot find the head axis of attention {att.softmax.name!r}")
     kv_part = [f for f in head_factors if id(f.root()) in k_atoms]
     group_part = [f for f in head_factors if id(f.root()) not in k_atoms]
+    if not kv_part and len(group_part) == 1:
+        kv_part = [Dim(1)]  # multi-query attention: one kv head, an axis of size 1 in the graph
     if len(kv_part) != 1 or len(group_part) > 1:
         raise UnsupportedGraph(f"cannot tell query heads from key/value heads at {att.softmax.name!r}")
     return kv_part[0].root(), (group_part[0].root() if group_part else None), head_dim
@@ -529,22 +533,28 @@ def position_of_norms(flow, blocks) -> str:
     return "post"
 
 
-def count_parameters(spec: TransformerSpec) -> int:
-    """Float weights that carry a model dimension (buffers like rotary frequencies are not counted)."""
+def parameter_names(spec: TransformerSpec) -> list[str]:
+    """Float weights that carry a model dimension (buffers like rotary frequencies are not
+    parameters); a tied weight stored twice counts once."""
     model_dims = {id(d.root()) for d in [spec.hidden, spec.vocab, *spec.ffn] + [
         d for b in spec.blocks for d in (b.attention.kv_heads, b.attention.group) if d is not None]}
     tied_copy = None
     if spec.tied_embeddings and spec.lm_head is not None:
         head = weight_of(spec.flow, spec.lm_head)[0]
-        tied_copy = None if head is spec.token_embedding else head.name  # one parameter, stored twice
-    total = 0
+        tied_copy = None if head is spec.token_embedding else head.name
+    names = []
     for name, v in spec.model.graph.initializers.items():
         t = v.const_value
         if not t.dtype.is_floating_point() or len(t.shape) == 0 or name == tied_copy:
             continue
         if any(id(a.root()) in model_dims for d in spec.flow.dims[v] for a in atoms(d)):
-            total += t.size
-    return int(total)
+            names.append(name)
+    return names
+
+
+def count_parameters(spec: TransformerSpec) -> int:
+    g = spec.model.graph
+    return int(sum(g.initializers[n].const_value.size for n in parameter_names(spec)))
 
 
 def assign_roles(spec: TransformerSpec) -> None:

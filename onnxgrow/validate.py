@@ -541,8 +541,20 @@ def _tolerance_for(*dtypes: np.dtype) -> tuple[str, float]:
     return max(named, key=lambda item: item[1])
 
 
+def _kept_slices(source: np.ndarray, axes: dict[int, np.ndarray]) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """A shrunk target (subclone) keeps some source slices: compare on those only."""
+    axes = dict(axes)
+    for axis, index in axes.items():
+        kept = np.unique(index[index >= 0])
+        if axis < source.ndim and len(kept) < source.shape[axis]:
+            source = np.take(source, kept, axis=axis)
+            axes[axis] = np.where(index >= 0, np.searchsorted(kept, index), -1)
+    return source, axes
+
+
 def _compare(check: OutputCheck, target: np.ndarray, source: np.ndarray, axes: dict[int, np.ndarray]) -> None:
     check.shape = source.shape
+    source, axes = _kept_slices(source, axes)
     _check_map_fits(target, axes, check.name)
     expected_shape = tuple(len(axes[a]) if a in axes else n for a, n in enumerate(source.shape))
     if target.shape != expected_shape:

@@ -1,0 +1,117 @@
+"""Calibration data and activation statistics measured in ONNX Runtime.
+
+Token ids come from a text file through a tokenizer.json (the `tokenizers` library), from raw bytes
+(id = byte value), or from a .npy array. Statistics are gathered by exposing intermediate tensors as
+extra graph outputs of a copy of the model and running it batch by batch.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+from rich.progress import Progress
+
+from .errors import OnnxgrowError
+from .validate import open_session, plan_inputs, run_model
+
+
+def load_tokens(path: Path, tokenizer: Path | None = None, use_bytes: bool = False) -> np.ndarray:
+    path = Path(path)
+    if not path.is_file():
+        raise OnnxgrowError(f"no such calibration file: {path}")
+    if path.suffix == ".npy":
+        try:
+            ids = np.load(path, allow_pickle=False)
+        except Exception as e:
+            raise OnnxgrowError(f"{path} is not a readable .npy array ({type(e).__name__})") from None
+        if ids.dtype.kind not in "iu":
+            raise OnnxgrowError(f"{path} holds {ids.dtype} values, not token ids")
+        return ids.reshape(-1).astype(np.int64)
+    if use_bytes:
+        return np.frombuffer(path.read_bytes(), dtype=np.uint8).astype(np.int64)
+    if tokenizer is None:
+        raise OnnxgrowError("text calibration data needs --tokenizer tokenizer.json (or --bytes)")
+    from tokenizers import Tokenizer
+    try:
+        tok = Tokenizer.from_file(str(tokenizer))
+    except Exception as e:
+        raise OnnxgrowError(f"cannot read tokenizer {tokenizer}: {str(e).splitlines()[0]}") from None
+    text = path.read_text(errors="replace")
+    return np.array(tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+
+
+def windows(tokens: np.ndarray, seq: int, count: int) -> np.ndarray:
+    """`count` windows of `seq` tokens, evenly spread over the stream."""
+    if len(tokens) < seq:
+        raise OnnxgrowError(f"calibration data has {len(tokens)} tokens, fewer than one window of {seq}")
+    starts = np.linspace(0, len(tokens) - seq, count).astype(np.int64)
+    return np.stack([tokens[s:s + seq] for s in starts])
+
+
+def feeds_for(plan, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Model inputs for these token ids: the generated plan gives masks, types and positions."""
+    feeds = plan.make(ids.shape[0], ids.shape[1], past_length=0, seed=0)
+    for spec in plan.specs:
+        if spec.kind == "tokens":
+            feeds[spec.name] = ids.astype(spec.dtype)
+        elif spec.kind == "mask":
+            feeds[spec.name] = np.ones_like(feeds[spec.name])  # real text: no padding
+        elif spec.kind == "token_types":
+            feeds[spec.name] = np.zeros_like(feeds[spec.name])
+    return feeds
+
+
+def mean_abs(model: ir.Model, probes: dict[str, ir.Value], ids: np.ndarray, batch: int = 8,
+             provider: str = "auto", label: str = "calibrating",
+             updates: list[tuple[str, str]] = ()) -> dict[str, np.ndarray]:
+    """Mean |activation| over batch and tokens of each probe, per index of its last axis.
+
+    For each (before, after) pair in `updates` also the mean relative update ||after - before|| /
+    ||before|| per token, under the key "before->after": how much a block changes the stream.
+    """
+    plan = plan_inputs(model)
+    probe_model = ir.from_proto(ir.to_proto(model))
+    by_name = {v.name: v for n in probe_model.graph for v in n.outputs}
+    for v in probe_model.graph.inputs:
+        by_name[v.name] = v
+    exposed = []
+    for key, value in probes.items():
+        v = by_name[value.name]
+        if not v.is_graph_output():
+            if v.type is None:
+                v.type = ir.TensorType(ir.DataType.FLOAT)
+            probe_model.graph.outputs.append(v)
+        exposed.append((key, v.name))
+    sums: dict[str, np.ndarray] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "probe.onnx"
+        ir.save(probe_model, path)
+        session = open_session(path, provider)
+        with Progress(transient=True) as progress:
+            task = progress.add_task(label, total=len(ids))
+            for start in range(0, len(ids), batch):
+                chunk = ids[start:start + batch]
+                outputs = run_model(session, feeds_for(plan, chunk), provider)
+                named = {key: outputs[name].astype(np.float64) for key, name in exposed}
+                for key, x in named.items():
+                    sums[key] = sums.get(key, 0) + np.abs(x).reshape(-1, x.shape[-1]).sum(axis=0)
+                for before, after in updates:
+                    a, b = named[before], named[after]
+                    change = np.linalg.norm(b - a, axis=-1) / (np.linalg.norm(a, axis=-1) + 1e-9)
+                    key = f"{before}->{after}"
+                    sums[key] = sums.get(key, 0) + change.sum()
+                progress.advance(task, len(chunk))
+    tokens = ids.size
+    return {key: total / tokens for key, total in sums.items()}
+
+
+def run_outputs(path: os.PathLike, ids: np.ndarray, batch: int = 8, provider: str = "auto") -> list[dict]:
+    """Every output of the model at `path`, batch by batch, for evaluation."""
+    import onnx_ir as _ir
+    plan = plan_inputs(_ir.load(path))
+    session = open_session(path, provider)
+    return [run_model(session, feeds_for(plan, ids[s:s + batch]), provider) for s in range(0, len(ids), batch)]

@@ -1,0 +1,168 @@
+"""subclone: a smaller model initialised from a larger one (the steps are in passes/subclone.py).
+
+Calibration data flows through the source in ONNX Runtime; the activations rank hidden dimensions,
+FFN neurons and heads; the shared resize engine keeps the chosen indices (weights, shape constants and
+I/O together); then whole blocks are removed from the residual stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from passes import subclone as method
+
+from .blocks import block_graphs, remove_blocks
+from .calibrate import mean_abs
+from .errors import OnnxgrowError
+from .resize import Resizer, set_tensor
+from .structure import TransformerSpec, distinct, load_structure, parameter_names, weight_of
+
+
+@dataclass
+class SubcloneResult:
+    model: ir.Model
+    kept_hidden: list[int]
+    removed_blocks: list[int]
+    block_updates: list[float]
+    sizes: dict = field(default_factory=dict)
+
+
+def target_sizes(spec: TransformerSpec, hidden=None, heads=None, kv_heads=None, ffn=None) -> dict:
+    """Target size of each role Dim. head_dim is kept, so heads follow hidden unless given."""
+    old_hidden, old_heads, old_kv = spec.hidden.size, spec.heads.size, spec.kv_heads.size
+    hidden = hidden or old_hidden
+    if heads is None:
+        heads = old_heads * hidden / old_hidden
+        if heads != int(heads) or heads < 1:
+            raise OnnxgrowError(f"hidden {hidden} does not give a whole number of heads; pass --heads")
+        heads = int(heads)
+    group = old_heads // old_kv
+    if kv_heads is None:
+        kv_heads = heads if spec.group is None else max(heads // group, 1)
+    if spec.group is None and kv_heads != heads:
+        raise OnnxgrowError("this model has as many key/value heads as query heads; --kv-heads must equal --heads")
+    if heads % kv_heads:
+        raise OnnxgrowError(f"--heads {heads} is not a multiple of --kv-heads {kv_heads}")
+    sizes = {spec.hidden: hidden}
+    for d in distinct(b.attention.kv_heads for b in spec.blocks):
+        sizes[d] = kv_heads
+    for d in distinct(b.attention.group for b in spec.blocks):
+        sizes[d] = heads // kv_heads
+    for d in distinct(spec.ffn):
+        sizes[d] = ffn or max(round(d.size * hidden / old_hidden), 1)
+    for d, n in sizes.items():
+        if n > d.size or n < 1:
+            raise OnnxgrowError(f"subclone cannot grow or empty a dimension ({d.role} {d.size} -> {n}); use widen")
+    return sizes
+
+
+def data_input(spec: TransformerSpec, proj) -> ir.Value:
+    return proj.inputs[1 - weight_of(spec.flow, proj)[1]]
+
+
+def subclone_ir(model: ir.Model, ids: np.ndarray, *, hidden=None, heads=None, kv_heads=None, ffn=None,
+                layers=None, keep_layers: list[int] | None = None, rescale: bool = True,
+                provider: str = "auto") -> SubcloneResult:
+    spec = load_structure(model)
+    num = len(spec.blocks)
+    blocks = block_graphs(spec, side_outputs=True)
+    sizes = target_sizes(spec, hidden, heads, kv_heads, ffn)
+    target_layers = len(keep_layers) if keep_layers is not None else (layers or num)
+    if not 1 <= target_layers <= num:
+        raise OnnxgrowError(f"--layers must be between 1 and {num}, got {target_layers}")
+
+    # 1. importance of every probed activation, and each block's update of the stream
+    stream = [b.r_in for b in blocks] + [blocks[-1].r_out]
+    probes = {f"stream{i}": v for i, v in enumerate(stream)}
+    for i, b in enumerate(spec.blocks):
+        probes[f"attn{i}"] = data_input(spec, b.attention.o_proj)
+        if b.ffn is not None:
+            probes[f"ffn{i}"] = data_input(spec, b.ffn.down)
+    updates_of = [(f"stream{i}", f"stream{i + 1}") for i in range(num)]
+    stats = mean_abs(model, probes, ids, provider=provider, updates=updates_of)
+    updates = [float(stats[f"{a}->{b}"]) / ids.size for a, b in updates_of]
+
+    # 2. the kept indices of every resized Dim
+    plans = {}
+    hidden_scores = sum(stats[f"stream{i}"] for i in range(1, num + 1))
+    plans[spec.hidden] = method.keep_top(hidden_scores, sizes[spec.hidden])
+    for d in distinct(spec.ffn):
+        scores = sum(stats[f"ffn{i}"] for i, b in enumerate(spec.blocks)
+                     if b.ffn is not None and spec.ffn[i].root() is d)
+        plans[d] = method.keep_top(scores, sizes[d])
+    for attr_name in ("kv_heads", "group"):
+        for d in distinct(getattr(b.attention, attr_name) for b in spec.blocks):
+            scores = sum(method.head_scores(stats[f"attn{i}"], contracted_dim(spec, b.attention.o_proj), d)
+                         for i, b in enumerate(spec.blocks) if getattr(b.attention, attr_name).root() is d)
+            plans[d] = method.keep_top(scores, sizes[d])
+    plans = {d: p for d, p in plans.items() if p.new_size != d.size}
+
+    # 3. keep them everywhere, rescaling sums over fewer inputs
+    resizer = Resizer(spec, plans)
+    tied = resizer.tied_tables()
+    hook = None
+    if rescale:
+        def hook(name, old, new, dims):
+            if name in tied:
+                return new
+            return method.rescale(spec.flow.contracted.get(name, set()), old, new)
+    resizer.apply(method.rule(), weight_hook=hook)
+    if rescale and tied and spec.final_norm is not None:
+        factor = np.sqrt(spec.hidden.size / sizes[spec.hidden])  # the tied head's share, on its input
+        for pname in (spec.final_norm.scale, spec.final_norm.bias):
+            if pname:
+                v = model.graph.initializers[pname]
+                set_tensor(v, (v.const_value.numpy() * factor).astype(v.const_value.numpy().dtype))
+
+    # 4. remove blocks
+    if keep_layers is not None:
+        bad = [k for k in keep_layers if not 0 <= k < num]
+        if bad or len(set(keep_layers)) != len(keep_layers):
+            raise OnnxgrowError(f"--keep-layers must list distinct block indices 0..{num - 1}, got {keep_layers}")
+        removed = [i for i in range(num) if i not in keep_layers]
+    else:
+        removable = {i for i, b in enumerate(blocks) if not b.r_out.is_graph_output()}
+        removed = method.blocks_to_remove(updates, target_layers, removable)
+    if removed:
+        if any(v.is_graph_output() for b in blocks for n in b.nodes for v in n.outputs if v is not b.r_out):
+            raise OnnxgrowError("removing blocks from a KV-cache export is not supported yet (its "
+                                "past/present inputs and outputs would have to go too); keep --layers")
+        fresh = load_structure(model)
+        remove_blocks(fresh, block_graphs(fresh, side_outputs=True), removed)
+    model.metadata_props["onnxgrow.history"] = (
+        model.metadata_props.get("onnxgrow.history", "") +
+        f"subclone:hidden={sizes[spec.hidden]},layers={num - len(removed)},removed={removed};")
+    return SubcloneResult(model, plans[spec.hidden].source.tolist() if spec.hidden in plans
+                          else list(range(spec.hidden.size)), removed, updates,
+                          {d.role: n for d, n in sizes.items()})
+
+
+def contracted_dim(spec, proj):
+    from .structure import contracted_dim as cd
+    return cd(spec.flow, proj)
+
+
+def randomized(model: ir.Model, seed: int = 0) -> ir.Model:
+    """The same architecture with fresh weights (N(0, 0.02) matrices, unit norm scales, zero
+    biases): the baseline a subclone must beat. Buffers (rotary frequencies, masks) are kept."""
+    spec = load_structure(model)
+    rng = np.random.default_rng(seed)
+    scales = {n.scale for b in spec.blocks for n in b.norms} | (
+        {spec.final_norm.scale} if spec.final_norm else set())
+    for name in parameter_names(spec):
+        v = model.graph.initializers[name]
+        arr = v.const_value.numpy()
+        if arr.ndim >= 2:
+            new = rng.normal(0.0, 0.02, arr.shape)
+        else:
+            new = np.ones(arr.shape) if name in scales else np.zeros(arr.shape)
+        set_tensor(v, new.astype(arr.dtype))
+    if spec.tied_embeddings and spec.lm_head is not None:  # a tied copy follows its table
+        head = weight_of(spec.flow, spec.lm_head)[0]
+        table = spec.token_embedding.const_value.numpy()
+        if head is not spec.token_embedding:
+            set_tensor(head, table.T.copy() if head.const_value.shape[0] != table.shape[0] else table.copy())
+    return model
