@@ -70,8 +70,9 @@ def mean_abs(model: ir.Model, probes: dict[str, ir.Value], ids: np.ndarray, batc
              updates: list[tuple[str, str]] = ()) -> dict[str, np.ndarray]:
     """Mean |activation| over batch and tokens of each probe, per index of its last axis.
 
-    For each (before, after) pair in `updates` also the mean relative update ||after - before|| /
-    ||before|| per token, under the key "before->after": how much a block changes the stream.
+    Under "key^2" also the mean square per index. For each (before, after) pair in `updates` also
+    the mean relative update ||after - before|| / ||before|| per token, under the key
+    "before->after": how much a block changes the stream.
     """
     plan = plan_inputs(model)
     probe_model = ir.from_proto(ir.to_proto(model))
@@ -87,6 +88,7 @@ def mean_abs(model: ir.Model, probes: dict[str, ir.Value], ids: np.ndarray, batc
             probe_model.graph.outputs.append(v)
         exposed.append((key, v.name))
     sums: dict[str, np.ndarray] = {}
+    squares: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "probe.onnx"
         ir.save(probe_model, path)
@@ -98,7 +100,9 @@ def mean_abs(model: ir.Model, probes: dict[str, ir.Value], ids: np.ndarray, batc
                 outputs = run_model(session, feeds_for(plan, chunk), provider)
                 named = {key: outputs[name].astype(np.float64) for key, name in exposed}
                 for key, x in named.items():
-                    sums[key] = sums.get(key, 0) + np.abs(x).reshape(-1, x.shape[-1]).sum(axis=0)
+                    flat = x.reshape(-1, x.shape[-1])
+                    sums[key] = sums.get(key, 0) + np.abs(flat).sum(axis=0)
+                    squares[key] = squares.get(key, 0) + (flat * flat).sum(axis=0)
                 for before, after in updates:
                     a, b = named[before], named[after]
                     change = np.linalg.norm(b - a, axis=-1) / (np.linalg.norm(a, axis=-1) + 1e-9)
@@ -106,7 +110,9 @@ def mean_abs(model: ir.Model, probes: dict[str, ir.Value], ids: np.ndarray, batc
                     sums[key] = sums.get(key, 0) + change.sum()
                 progress.advance(task, len(chunk))
     tokens = ids.size
-    return {key: total / tokens for key, total in sums.items()}
+    stats = {key: total / tokens for key, total in sums.items()}
+    stats.update({f"{key}^2": total / tokens for key, total in squares.items()})
+    return stats
 
 
 def run_outputs(path: os.PathLike, ids: np.ndarray, batch: int = 8, provider: str = "auto") -> list[dict]:

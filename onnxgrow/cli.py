@@ -182,6 +182,81 @@ def finish(report, output: Path):
         out.print(f"wrote {output} (not verified)")
 
 
+def parse_list(text: str | None, option: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise OnnxgrowError(f"{option} takes comma-separated integers, got {text!r}") from None
+
+
+@app.command()
+@one_line_errors
+def subclone(model: Path = typer.Argument(..., help="source ONNX model (the larger one)"),
+             hidden: Optional[int] = typer.Option(None, help="target hidden size"),
+             heads: Optional[int] = typer.Option(None, help="target heads (head_dim is kept)"),
+             kv_heads: Optional[int] = typer.Option(None, "--kv-heads", help="target key/value heads"),
+             ffn: Optional[int] = typer.Option(None, help="target FFN size"),
+             layers: Optional[int] = typer.Option(None, help="target number of blocks"),
+             keep_layers: Optional[str] = typer.Option(None, help="blocks to keep, e.g. 0,2,5 (default: by calibration)"),
+             calib: Optional[Path] = typer.Option(None, help="calibration data: text, raw bytes or .npy of token ids"),
+             tokenizer: Optional[Path] = typer.Option(None, help="tokenizer.json for a text --calib"),
+             use_bytes: bool = typer.Option(False, "--bytes", help="read --calib as bytes (id = byte)"),
+             samples: int = typer.Option(64, help="calibration windows"),
+             seq: int = typer.Option(64, help="tokens per window"),
+             allow_random_calib: bool = typer.Option(False, help="calibrate on random ids when no data is given"),
+             rescale: str = typer.Option("norm", help="norm (match norm statistics) | sqrt (paper's sqrt(D/d)) | none"),
+             provider: str = typer.Option("auto", help="auto | cuda | cpu"),
+             output: Optional[Path] = typer.Option(None, "--output", "-o"),
+             force: bool = typer.Option(False, help="replace an existing output")):
+    """Make a smaller model whose weights are chosen from MODEL's (Weight subcloning)."""
+    import tempfile
+
+    import numpy as np
+
+    from . import calibrate
+    from .subclone import fidelity, randomized, subclone_ir
+    source = modelio.load(model)
+    before = api.load_structure(api.as_ir(source))
+    if calib is None:
+        if not allow_random_calib:
+            raise OnnxgrowError("subclone ranks neurons on calibration data: give --calib "
+                                "(or --allow-random-calib to rank on random token ids)")
+        tokens = np.random.default_rng(0).integers(0, before.vocab.size, samples * seq * 2)
+    else:
+        tokens = calibrate.load_tokens(calib, tokenizer, use_bytes)
+    if tokens.size and tokens.max() >= before.vocab.size:
+        raise OnnxgrowError(f"calibration ids reach {tokens.max()}, beyond the vocabulary of {before.vocab.size}")
+    split = int(len(tokens) * 0.9)
+    ids = calibrate.windows(tokens[:split], seq, samples)
+    held_out = calibrate.windows(tokens[split:], min(seq, max(len(tokens) - split, 1)), max(samples // 4, 1))
+    result = subclone_ir(source, ids, hidden=hidden, heads=heads, kv_heads=kv_heads, ffn=ffn, layers=layers,
+                         keep_layers=parse_list(keep_layers, "--keep-layers"), rescale=rescale,
+                         provider=provider)
+    output = output or api.default_output(model, f"subclone-h{result.sizes['hidden']}-l{len(before.blocks) - len(result.removed_blocks)}")
+    modelio.save(result.model, output, input_paths=(model,), force=force)
+    after = api.inspect(output)
+    out.print(config_table(f"{model} -> {output} (subclone)", before.config(), after,
+                           headers=("source", "target")))
+    if result.removed_blocks:
+        out.print(f"removed blocks {result.removed_blocks} (relative updates of the stream: "
+                  + ", ".join(f"{u:.3f}" for u in result.block_updates) + ")")
+    with tempfile.TemporaryDirectory() as tmp:
+        baseline = Path(tmp) / "random.onnx"
+        modelio.save(randomized(modelio.load(output)), baseline)
+        report = fidelity(model, output, baseline, held_out, result.kept_hidden, provider)
+    table = Table(title="fidelity on held-out calibration windows")
+    table.add_column("output")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for name, row in report.items():
+        for key, value in row.items():
+            table.add_row(name, key, f"{value:.4f}")
+    out.print(table)
+    out.print(f"wrote {output}")
+
+
 @app.command()
 @one_line_errors
 def demo(output_dir: Path = typer.Option(Path("out"), help="where to write the grown model")):

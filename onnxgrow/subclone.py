@@ -18,7 +18,7 @@ from .blocks import block_graphs, remove_blocks
 from .calibrate import mean_abs
 from .errors import OnnxgrowError
 from .resize import Resizer, set_tensor
-from .structure import TransformerSpec, distinct, load_structure, parameter_names, weight_of
+from .structure import TransformerSpec, distinct, find_norms, load_structure, parameter_names, weight_of
 
 
 @dataclass
@@ -64,7 +64,7 @@ def data_input(spec: TransformerSpec, proj) -> ir.Value:
 
 
 def subclone_ir(model: ir.Model, ids: np.ndarray, *, hidden=None, heads=None, kv_heads=None, ffn=None,
-                layers=None, keep_layers: list[int] | None = None, rescale: bool = True,
+                layers=None, keep_layers: list[int] | None = None, rescale: str = "norm",
                 provider: str = "auto") -> SubcloneResult:
     spec = load_structure(model)
     num = len(spec.blocks)
@@ -77,13 +77,16 @@ def subclone_ir(model: ir.Model, ids: np.ndarray, *, hidden=None, heads=None, kv
     # 1. importance of every probed activation, and each block's update of the stream
     stream = [b.r_in for b in blocks] + [blocks[-1].r_out]
     probes = {f"stream{i}": v for i, v in enumerate(stream)}
+    norms = find_norms(model.graph, spec.flow, spec.hidden)
+    for k, n in enumerate(norms):
+        probes[f"norm{k}"] = n.input
     for i, b in enumerate(spec.blocks):
         probes[f"attn{i}"] = data_input(spec, b.attention.o_proj)
         if b.ffn is not None:
             probes[f"ffn{i}"] = data_input(spec, b.ffn.down)
     updates_of = [(f"stream{i}", f"stream{i + 1}") for i in range(num)]
     stats = mean_abs(model, probes, ids, provider=provider, updates=updates_of)
-    updates = [float(stats[f"{a}->{b}"]) / ids.size for a, b in updates_of]
+    updates = [float(stats[f"{a}->{b}"]) for a, b in updates_of]
 
     # 2. the kept indices of every resized Dim
     plans = {}
@@ -104,13 +107,21 @@ def subclone_ir(model: ir.Model, ids: np.ndarray, *, hidden=None, heads=None, kv
     resizer = Resizer(spec, plans)
     tied = resizer.tied_tables()
     hook = None
-    if rescale:
+    if rescale == "sqrt":
         def hook(name, old, new, dims):
             if name in tied:
                 return new
             return method.rescale(spec.flow.contracted.get(name, set()), old, new)
+    elif rescale == "norm" and spec.hidden in plans:
+        gains = {n.scale: method.norm_gain(stats[f"norm{k}^2"], plans[spec.hidden].source)
+                 for k, n in enumerate(norms) if n.scale is not None}
+
+        def hook(name, old, new, dims):
+            return (new * gains[name]).astype(new.dtype) if name in gains else new
+    elif rescale not in ("norm", "sqrt", "none"):
+        raise OnnxgrowError(f"--rescale must be norm, sqrt or none, got {rescale!r}")
     resizer.apply(method.rule(), weight_hook=hook)
-    if rescale and tied and spec.final_norm is not None:
+    if rescale == "sqrt" and tied and spec.final_norm is not None:
         factor = np.sqrt(spec.hidden.size / sizes[spec.hidden])  # the tied head's share, on its input
         for pname in (spec.final_norm.scale, spec.final_norm.bias):
             if pname:
@@ -150,8 +161,7 @@ def randomized(model: ir.Model, seed: int = 0) -> ir.Model:
     biases): the baseline a subclone must beat. Buffers (rotary frequencies, masks) are kept."""
     spec = load_structure(model)
     rng = np.random.default_rng(seed)
-    scales = {n.scale for b in spec.blocks for n in b.norms} | (
-        {spec.final_norm.scale} if spec.final_norm else set())
+    scales = {n.scale for n in find_norms(model.graph, spec.flow, spec.hidden)}
     for name in parameter_names(spec):
         v = model.graph.initializers[name]
         arr = v.const_value.numpy()
@@ -166,3 +176,45 @@ def randomized(model: ir.Model, seed: int = 0) -> ir.Model:
         if head is not spec.token_embedding:
             set_tensor(head, table.T.copy() if head.const_value.shape[0] != table.shape[0] else table.copy())
     return model
+
+
+def mean_pooled(outputs: list[dict], name: str) -> np.ndarray:
+    return np.concatenate([o[name].astype(np.float64).mean(axis=1) for o in outputs])
+
+
+def next_token_loss(logits: np.ndarray, ids: np.ndarray) -> float:
+    """Mean cross-entropy of predicting token t+1 from positions <= t."""
+    x = logits[:, :-1].astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    logp = x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    return float(-np.take_along_axis(logp, ids[:, 1:, None], axis=-1).mean())
+
+
+def fidelity(source, target, baseline, ids: np.ndarray, kept_hidden: list[int], provider="auto") -> dict:
+    """How much of the source the subclone keeps, on held-out windows, against a random model of the
+    same size: next-token loss and top-1 agreement for logits; for hidden-state outputs the cosine
+    of mean-pooled embeddings with the source's at the kept dimensions."""
+    from .calibrate import run_outputs
+    runs = {k: run_outputs(p, ids, provider=provider) for k, p in
+            (("source", source), ("subclone", target), ("random", baseline))}
+    report = {}
+    for name in runs["source"][0]:
+        src = np.concatenate([o[name] for o in runs["source"]])
+        if src.ndim != 3:
+            continue
+        if src.shape[-1] == len(kept_hidden) or runs["subclone"][0][name].shape[-1] != src.shape[-1]:
+            ref = mean_pooled(runs["source"], name)[:, kept_hidden]
+            row = {}
+            for k in ("subclone", "random"):
+                emb = mean_pooled(runs[k], name)
+                cos = (emb * ref).sum(-1) / (np.linalg.norm(emb, axis=-1) * np.linalg.norm(ref, axis=-1) + 1e-12)
+                row[f"{k}_mean_cosine"] = float(cos.mean())
+            report[name] = row
+        else:
+            row = {"source_loss": next_token_loss(src, ids)}
+            for k in ("subclone", "random"):
+                out = np.concatenate([o[name] for o in runs[k]])
+                row[f"{k}_loss"] = next_token_loss(out, ids)
+                row[f"{k}_top1_agreement"] = float((out.argmax(-1) == src.argmax(-1)).mean())
+            report[name] = row
+    return report

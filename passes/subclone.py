@@ -11,8 +11,16 @@
    input of the output projection (for grouped-query attention a key/value head is kept with its
    whole group of query heads).
 3. Kept indices keep their original order, so each kept weight is a sub-matrix of the original.
-4. Rescaling: a linear map that now sums over d of its D inputs has its weights multiplied by
-   sqrt(D / d), so its output keeps its standard deviation (for inputs of comparable magnitude).
+4. Rescaling, so activations keep their magnitude. A norm over the hidden axis now divides by the
+   root mean square of the d kept dimensions instead of all D; the kept dimensions are the large
+   ones, so that is larger by
+
+       r = sqrt( mean_{i in kept} E[x_i^2] / mean_{i} E[x_i^2] )      (measured on the calibration data)
+
+   and the norm's scale becomes gamma' = r * gamma[kept] (mode "norm", the default). The paper's
+   simpler alternative, mode "sqrt", multiplies every linear map that now sums over d of its D
+   inputs by sqrt(D / d), which assumes inputs of comparable magnitude; on MiniLM it hurts
+   (docs/BENCHMARKS.md), because the kept inputs are the large ones.
 5. Block removal: the paper observes that blocks in the middle of the network change the residual
    stream the least, and removes blocks there. We measure each block's relative update
    ||r_out - r_in|| / ||r_in|| on the calibration data and remove the blocks with the smallest
@@ -53,6 +61,11 @@ def rescale(contracted: set[int], old: np.ndarray, new: np.ndarray) -> np.ndarra
         if new.shape[axis] < old.shape[axis]:
             new = (new * np.sqrt(old.shape[axis] / new.shape[axis])).astype(old.dtype)
     return new
+
+
+def norm_gain(mean_square: np.ndarray, kept: np.ndarray) -> float:
+    """r = sqrt(mean_{kept} E[x^2] / mean_{all} E[x^2]): how much larger the kept part's RMS is."""
+    return float(np.sqrt(mean_square[kept].mean() / max(mean_square.mean(), 1e-30)))
 
 
 def blocks_to_remove(updates: list[float], target: int, removable: set[int]) -> list[int]:
