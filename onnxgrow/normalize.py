@@ -1,6 +1,7 @@
 """Put a graph in the form the analysis expects, without changing what it computes.
 
 - Constant nodes become initializers, so every literal has a name the rewrite can replace.
+- Parameters the exporter deduplicated through Identity nodes get their own initializers again.
 - Each use of a small integer constant gets its own copy: exporters share one `[2]` between a
   kv-head count, a group size and an Unsqueeze axis, and those must be free to change separately.
 """
@@ -66,7 +67,26 @@ def unshare_small_ints(graph: ir.Graph) -> None:
             node.replace_input_with(index, copy)
 
 
+def inline_identity_params(graph: ir.Graph) -> None:
+    """The TorchScript exporter deduplicates equal parameters (every LayerNorm weight of a fresh model
+    is ones) by feeding copies through Identity nodes. They are separate parameters that happen to
+    be equal: give each its own initializer so a rewrite of one does not change the others."""
+    for node in list(graph):
+        if node.op_type != "Identity" or not node.inputs[0].is_initializer():
+            continue
+        out = node.outputs[0]
+        if out.is_graph_output():
+            continue
+        source = node.inputs[0]
+        own = ir.Value(name=unique_name(graph, out.name or source.name), shape=source.shape,
+                       type=source.type, const_value=source.const_value)
+        graph.register_initializer(own)
+        out.replace_all_uses_with(own)
+        graph.remove(node, safe=True)
+
+
 def normalize(model: ir.Model) -> ir.Model:
     lift_constants(model.graph)
+    inline_identity_params(model.graph)
     unshare_small_ints(model.graph)
     return model

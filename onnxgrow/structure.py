@@ -450,8 +450,7 @@ def find_norms(g: ir.Graph, flow: ShapeFlow, hidden: Dim) -> list[Norm]:
     for node in g:
         if node.op_type in ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"):
             kind = "layernorm" if node.op_type == "LayerNormalization" else "rmsnorm"
-            scale = node.inputs[1].name if len(node.inputs) > 1 and node.inputs[1] is not None else None
-            bias = node.inputs[2].name if len(node.inputs) > 2 and node.inputs[2] is not None else None
+            scale, bias = (param_name(flow, node, i) for i in (1, 2))
             out, scale2, bias2 = affine_after(flow, node.outputs[0], hidden)
             norms.append(Norm(kind, node.inputs[0], out, scale or scale2, bias or bias2))
         elif node.op_type == "ReduceMean":
@@ -477,6 +476,14 @@ def find_norms(g: ir.Graph, flow: ShapeFlow, hidden: Dim) -> list[Norm]:
                     out, scale, bias = affine_after(flow, normed[0].outputs[0], hidden)
                     norms.append(Norm("rmsnorm", base, out, scale, bias))
     return norms
+
+
+def param_name(flow: ShapeFlow, node: ir.Node, index: int) -> str | None:
+    """The initializer behind a node's input (through Cast/Transpose), if there is one."""
+    if len(node.inputs) <= index or node.inputs[index] is None:
+        return None
+    init, _ = flow.source_initializer(node.inputs[index])
+    return None if init is None else init.name
 
 
 def affine_after(flow, value, hidden):

@@ -1,0 +1,69 @@
+"""Output fidelity of every growth method on every zoo model, measured by `validate` (ORT, CPU).
+
+    python bench/fidelity.py            # prints markdown tables for docs/BENCHMARKS.md
+
+Width targets for the any-size methods: hidden, heads, kv heads and FFN x1.5 (e.g. 64 -> 96, 4 -> 6
+heads). Depth: identity / stack / interleave to twice the layers. Reported: the largest absolute
+difference over outputs and input cases, the smallest cosine similarity, and top-1 agreement of
+logits (for models whose output is logits).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import onnx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import onnxgrow  # noqa: E402
+from onnxgrow.api import deepen  # noqa: E402
+from onnxgrow.validate import validate  # noqa: E402
+
+
+def measure(model: onnx.ModelProto, source: Path, tmp: Path) -> str:
+    path = tmp / "m.onnx"
+    onnx.save(model, path)
+    r = validate(source, path)
+    worst = max(o.max_abs_diff for o in r.outputs)
+    cos = min(o.cosine for o in r.outputs if o.cosine is not None)
+    top1 = [o.top1_agreement for o in r.outputs if o.top1_agreement is not None]
+    return f"{worst:.2g} / {cos:.3f}" + (f" / {top1[0]:.0%}" if top1 else "")
+
+
+def main():
+    from conftest import load_builder, ZOO
+    entries = [e for e in load_builder().build_zoo(ZOO) if "error" not in e]
+    tmp = Path(tempfile.mkdtemp())
+    print("### Width: max abs diff / min cosine / top-1 agreement (logits)\n")
+    print("| model | hypercloning x2 | fpi x1.5 | aki x1.5 | pad x1.5 | pad x1.5, noise 0.01 |")
+    print("|---|---|---|---|---|---|")
+    for e in entries:
+        src, c = ZOO / e["path"], e["config"]
+        target = dict(hidden=c["hidden_size"] * 3 // 2, heads=c["num_heads"] * 3 // 2,
+                      kv_heads=c["num_kv_heads"] * 3 // 2, ffn=c["ffn_size"] * 3 // 2)
+        cells = [measure(onnxgrow.widen(src, 2), src, tmp)]
+        for method, noise in (("fpi", 0.0), ("aki", 0.0), ("pad", 0.0), ("pad", 0.01)):
+            cells.append(measure(onnxgrow.widen(src, method=method, noise=noise, **target), src, tmp))
+        print(f"| {e['name']} | " + " | ".join(cells) + " |")
+    print("\n### Depth x2: max abs diff / min cosine / top-1 agreement (logits)\n")
+    print("| model | identity | stack | interleave |")
+    print("|---|---|---|---|")
+    for e in entries:
+        src = ZOO / e["path"]
+        cells = []
+        for method in ("identity", "stack", "interleave"):
+            try:
+                cells.append(measure(deepen(src, factor=2, method=method), src, tmp))
+            except onnxgrow.OnnxgrowError as err:
+                cells.append("refused: " + str(err).split(";")[0][:60])
+        print(f"| {e['name']} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
