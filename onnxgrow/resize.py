@@ -212,7 +212,8 @@ def resize_array(old: np.ndarray, maps: list[np.ndarray], contracted: set[int], 
                  rng: np.random.Generator) -> np.ndarray:
     """Gather `old` along every axis by its map; then scale and perturb the summed-over axes."""
     new = old
-    std = float(old.astype(np.float64).std()) if old.size else 0.0
+    # the weight's spread sets the noise scale; skip the pass over the data when there is no noise
+    std = float(old.std(dtype=np.float64)) if rule.noise > 0 and old.size else 0.0
     for axis, m in enumerate(maps):
         if len(m) == old.shape[axis] and np.array_equal(m, np.arange(len(m))):
             continue
@@ -228,8 +229,10 @@ def resize_array(old: np.ndarray, maps: list[np.ndarray], contracted: set[int], 
             counts = copy_counts(m)
             shape = [1] * new.ndim
             shape[axis] = -1
-            if rule.divide_by_copies:
-                new = (new / counts.reshape(shape)).astype(old.dtype)
+            if rule.divide_by_copies and (counts != 1).any():
+                if new is old:
+                    new = new.copy()
+                np.divide(new, counts.reshape(shape).astype(new.dtype), out=new)
             if rule.noise > 0 and (counts > 1).any():
                 new = new + symmetric_noise(new.shape, axis, m, rule.noise * std, rng).astype(old.dtype)
     return np.ascontiguousarray(new)
