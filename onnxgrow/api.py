@@ -147,7 +147,7 @@ def deepen(model, layers: int | None = None, *, factor: int | None = None, metho
 
 def deepen_ir(model: ir.Model, layers=None, *, factor=None, method="identity", at=None, noise=0.0,
               seed=0) -> ir.Model:
-    from .blocks import block_graphs, insert_after
+    from .blocks import block_graphs, insert_after, record_io_names
     from .resize import set_tensor
     method_pass = load_pass(method, DEEPEN_METHODS)
     spec = load_structure(model)
@@ -169,6 +169,7 @@ def deepen_ir(model: ir.Model, layers=None, *, factor=None, method="identity", a
     blocks = block_graphs(spec)
     before = set(model.graph.initializers)
     zeroed = insert_after(model.graph, blocks, plan)
+    record_io_names(model)
     for name in zeroed:
         v = model.graph.initializers[name]
         set_tensor(v, np.zeros_like(v.const_value.numpy()))

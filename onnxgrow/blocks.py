@@ -7,7 +7,9 @@ tables, shapes of the inputs) stay shared by its copies; initializers only the b
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import re
+from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
@@ -23,6 +25,8 @@ class BlockGraph:
     r_out: ir.Value
     nodes: list[ir.Node]  # in graph order
     zero_outputs: list[str]  # initializers that, zeroed, make the block add nothing to the stream
+    cache_inputs: list[ir.Value] = field(default_factory=list)  # its own graph inputs (past K/V)
+    cache_outputs: list[ir.Value] = field(default_factory=list)  # its own graph outputs (present K/V)
 
 
 def descendants(value: ir.Value, through_shapes: bool = True) -> set[int]:
@@ -99,9 +103,9 @@ def proj_input(spec, node):
     return node.inputs[0] if weight_of(spec.flow, node)[1] == 1 else node.inputs[1]
 
 
-def block_graphs(spec: TransformerSpec, side_outputs: bool = False) -> list[BlockGraph]:
-    """The blocks' subgraphs. Copying a block that writes graph outputs of its own (a KV cache)
-    would need new outputs too, so that is refused unless the caller only reads the blocks."""
+def block_graphs(spec: TransformerSpec) -> list[BlockGraph]:
+    """The blocks' subgraphs, with the graph inputs and outputs that belong to one block alone
+    (the past and present K/V of a KV-cache export)."""
     stream = residual_values(spec)
     order = {id(n): i for i, n in enumerate(spec.model.graph)}
     result = []
@@ -111,12 +115,13 @@ def block_graphs(spec: TransformerSpec, side_outputs: bool = False) -> list[Bloc
         data = descendants(r_in, through_shapes=False) & upstream
         inside = own_nodes(descendants(r_in) & upstream, data, spec.model.graph, r_out)
         nodes = sorted((n for n in spec.model.graph if id(n) in inside), key=lambda n: order[id(n)])
-        for n in nodes:
-            for o in n.outputs:
-                if o.is_graph_output() and o is not r_out and not side_outputs:
-                    raise UnsupportedGraph(f"block {i} writes graph output {o.name!r} (a KV cache?); "
-                                           "deepen does not support that yet")
-        result.append(BlockGraph(i, r_in, r_out, nodes, output_projections(spec, b)))
+        # the block's own inputs: read by its nodes, and elsewhere only for their shape (the past
+        # length that masks and positions are built from)
+        cache_in = [v for v in spec.model.graph.inputs if v.const_value is None
+                    and any(id(u.node) in inside for u in v.uses())
+                    and all(id(u.node) in inside or u.node.op_type in ("Shape", "Size") for u in v.uses())]
+        cache_out = [o for n in nodes for o in n.outputs if o.is_graph_output() and o is not r_out]
+        result.append(BlockGraph(i, r_in, r_out, nodes, output_projections(spec, b), cache_in, cache_out))
     return result
 
 
@@ -138,11 +143,21 @@ def output_projections(spec: TransformerSpec, block) -> list[str]:
     return names
 
 
-def clone_block(graph: ir.Graph, block: BlockGraph, new_input: ir.Value, tag: str) -> tuple[ir.Value, dict]:
-    """Append a copy of `block` reading the stream from `new_input`; return its output value."""
+def clone_block(graph: ir.Graph, block: BlockGraph, new_input: ir.Value, tag: str):
+    """Append a copy of `block` reading the stream from `new_input`.
+
+    Returns its output value, the renamed initializers {original: copy}, and its cache values as
+    (copy, original) pairs: a copy of a KV-cache block gets past inputs and present outputs of its own.
+    """
     inside = {id(n) for n in block.nodes}
     mapping: dict[int, ir.Value] = {id(block.r_in): new_input}
     renamed_inits: dict[str, str] = {}
+    caches = []
+    for v in block.cache_inputs:
+        copy = ir.Value(name=unique_name(graph, f"{v.name}.{tag}"), shape=v.shape, type=v.type)
+        graph.inputs.append(copy)
+        mapping[id(v)] = copy
+        caches.append((copy, v))
     for node in block.nodes:
         inputs = []
         for v in node.inputs:
@@ -167,7 +182,12 @@ def clone_block(graph: ir.Graph, block: BlockGraph, new_input: ir.Value, tag: st
             new_out.type = old_out.type
             mapping[id(old_out)] = new_out
         graph.append(new)
-    return mapping[id(block.r_out)], renamed_inits
+    for v in block.cache_outputs:
+        copy = mapping[id(v)]
+        copy.shape = v.shape
+        graph.outputs.append(copy)
+        caches.append((copy, v))
+    return mapping[id(block.r_out)], renamed_inits, caches
 
 
 def insert_after(graph: ir.Graph, blocks: list[BlockGraph], plan: dict[int, list[tuple[int, bool]]]):
@@ -176,6 +196,7 @@ def insert_after(graph: ir.Graph, blocks: list[BlockGraph], plan: dict[int, list
     Returns the names of the initializers to zero (the output projections of identity copies).
     """
     to_zero = []
+    sequence = [[(b, b.cache_inputs + b.cache_outputs, None)] for b in blocks]  # per original block
     for i in sorted(plan, reverse=True):
         after = blocks[i]
         inside = {id(n) for n in after.nodes}
@@ -183,7 +204,8 @@ def insert_after(graph: ir.Graph, blocks: list[BlockGraph], plan: dict[int, list
         was_output = after.r_out.is_graph_output()
         stream = after.r_out
         for k, (j, zeroed) in enumerate(plan[i]):
-            stream, renamed = clone_block(graph, blocks[j], stream, tag=f"b{i}c{k}")
+            stream, renamed, caches = clone_block(graph, blocks[j], stream, tag=f"b{i}c{k}")
+            sequence[i].append((blocks[j], [c for c, _ in caches], dict((id(c), o) for c, o in caches)))
             if zeroed:
                 for name in blocks[j].zero_outputs:
                     if name not in renamed:
@@ -198,8 +220,69 @@ def insert_after(graph: ir.Graph, blocks: list[BlockGraph], plan: dict[int, list
             stream.name = name
             stream.type, stream.shape = after.r_out.type, after.r_out.shape
             graph.outputs[k] = stream
+    renumber_caches(graph, [entry for per_block in sequence for entry in per_block])
     graph.sort()
     return to_zero
+
+
+CACHE_NAME = re.compile(r"^(.*?)(\d+)(\D*)$")  # past_key_values.3.key -> ("past_key_values.", "3", ".key")
+IO_NAMES_KEY = "onnxgrow.io_names"
+
+
+def renumber_caches(graph: ir.Graph, order) -> None:
+    """Give cache inputs/outputs the layer index of their block's new position, keeping the
+    exporter's naming convention, and record which source name each one stands for (for validate).
+
+    `order`: per block in its new position, (original BlockGraph, its cache values, {id(copy):
+    original value} or None for an original block).
+    """
+    model_meta = graph.meta.setdefault("onnxgrow_io_names", {"inputs": {}, "outputs": {}})
+    plans = []
+    for position, (block, values, origin) in enumerate(order):
+        for v in values:
+            source = v if origin is None else origin[id(v)]
+            match = CACHE_NAME.match(source.name)
+            if match is None:
+                continue
+            plans.append((v, f"{match.group(1)}{position}{match.group(3)}", source.name, origin is None))
+    for v, _, _, _ in plans:
+        v.name = f"{v.name}.renumbering"  # two steps, so no two values ever share a name
+    for v, new_name, source_name, original in plans:
+        v.name = new_name
+        side = "inputs" if v.is_graph_input() else "outputs"
+        model_meta[side][new_name] = source_name if (original or side == "inputs") else None
+
+
+def record_io_names(model: ir.Model) -> None:
+    """Store the cache renaming in the model's metadata, composed with earlier rewrites: io_names
+    maps each renamed input/output to the source model's name (null: a new output to skip), and
+    the io_map of an earlier widen follows the renaming."""
+    names = model.graph.meta.get("onnxgrow_io_names")
+    if not names or not (names["inputs"] or names["outputs"] or names.get("dropped")):
+        return
+    from .resize import IO_MAP_KEY
+    previous = json.loads(model.metadata_props.get(IO_NAMES_KEY, '{"inputs": {}, "outputs": {}}'))
+    io_map = json.loads(model.metadata_props.get(IO_MAP_KEY, '{"inputs": {}, "outputs": {}}'))
+    composed = {"inputs": {}, "outputs": {}}
+    for side in ("inputs", "outputs"):
+        axes_before = dict(io_map.get(side, {}))
+        for new, before in names[side].items():
+            composed[side][new] = None if before is None else previous[side].get(before, before)
+            if before is not None and before in axes_before:
+                io_map.setdefault(side, {})[new] = axes_before[before]
+        current = {v.name for v in (model.graph.inputs if side == "inputs" else model.graph.outputs)}
+        for name in list(io_map.get(side, {})):
+            if name not in current:
+                del io_map[side][name]
+        for name, source in previous[side].items():
+            if name in current and name not in composed[side]:
+                composed[side][name] = source
+    # outputs of removed blocks, by their source names: validate does not expect them
+    composed["dropped"] = previous.get("dropped", []) + [
+        previous["outputs"].get(name, name) for name in names.get("dropped", [])]
+    model.metadata_props[IO_NAMES_KEY] = json.dumps(composed)
+    model.metadata_props[IO_MAP_KEY] = json.dumps(io_map)
+    model.graph.meta["onnxgrow_io_names"] = {"inputs": {}, "outputs": {}}
 
 
 def remove_blocks(spec: TransformerSpec, blocks: list[BlockGraph], indices: list[int]) -> None:
@@ -207,9 +290,11 @@ def remove_blocks(spec: TransformerSpec, blocks: list[BlockGraph], indices: list
 
     Exporters often read the size of a value inside the first block to build masks for all layers
     (Shape of a norm's output, say). Such a read moves to r_in when the two have the same Dims.
+    A removed block's own cache inputs and outputs go with it; the others are renumbered.
     """
     graph = spec.model.graph
-    for i in sorted(set(indices), reverse=True):
+    removed = set(indices)
+    for i in sorted(removed, reverse=True):
         block = blocks[i]
         inside = {id(n) for n in block.nodes}
         if block.r_out.is_graph_output():
@@ -228,9 +313,24 @@ def remove_blocks(spec: TransformerSpec, blocks: list[BlockGraph], indices: list
                     if dims and stream_dims and len(dims) == len(stream_dims) and all(
                             a.root() is b.root() for a, b in zip(dims, stream_dims)):
                         use.node.replace_input_with(use.idx, block.r_in)
+        for v in block.cache_outputs:
+            graph.outputs.remove(v)
+            dropped = graph.meta.setdefault("onnxgrow_io_names", {"inputs": {}, "outputs": {}})
+            dropped.setdefault("dropped", []).append(v.name)
         for node in reversed(block.nodes):
             if not any(out.uses() or out.is_graph_output() for out in node.outputs):
                 graph.remove(node, safe=True)
+        survivor = next((b for b in blocks if b.index not in removed
+                         and len(b.cache_inputs) == len(block.cache_inputs)), None)
+        for k, v in enumerate(block.cache_inputs):
+            # the past length read from this cache's shape can be read from a kept block's cache
+            for use in list(v.uses()):
+                if survivor is not None and use.node.op_type in ("Shape", "Size"):
+                    use.node.replace_input_with(use.idx, survivor.cache_inputs[k])
+            if not v.uses():
+                graph.inputs.remove(v)
+    kept = [b for b in blocks if b.index not in removed]
+    renumber_caches(graph, [(b, b.cache_inputs + b.cache_outputs, None) for b in kept])
     used = {id(v) for n in graph for v in n.inputs if v is not None} | {id(v) for v in graph.outputs}
     for name, value in list(graph.initializers.items()):
         if id(value) not in used:

@@ -14,7 +14,7 @@ import onnx_ir as ir
 
 from passes import subclone as method
 
-from .blocks import block_graphs, remove_blocks
+from .blocks import block_graphs, record_io_names, remove_blocks
 from .calibrate import mean_abs
 from .errors import OnnxgrowError
 from .resize import Resizer, set_tensor
@@ -68,7 +68,7 @@ def subclone_ir(model: ir.Model, ids: np.ndarray, *, hidden=None, heads=None, kv
                 provider: str = "auto") -> SubcloneResult:
     spec = load_structure(model)
     num = len(spec.blocks)
-    blocks = block_graphs(spec, side_outputs=True)
+    blocks = block_graphs(spec)
     sizes = target_sizes(spec, hidden, heads, kv_heads, ffn)
     target_layers = len(keep_layers) if keep_layers is not None else (layers or num)
     if not 1 <= target_layers <= num:
@@ -138,11 +138,9 @@ def subclone_ir(model: ir.Model, ids: np.ndarray, *, hidden=None, heads=None, kv
         removable = {i for i, b in enumerate(blocks) if not b.r_out.is_graph_output()}
         removed = method.blocks_to_remove(updates, target_layers, removable)
     if removed:
-        if any(v.is_graph_output() for b in blocks for n in b.nodes for v in n.outputs if v is not b.r_out):
-            raise OnnxgrowError("removing blocks from a KV-cache export is not supported yet (its "
-                                "past/present inputs and outputs would have to go too); keep --layers")
         fresh = load_structure(model)
-        remove_blocks(fresh, block_graphs(fresh, side_outputs=True), removed)
+        remove_blocks(fresh, block_graphs(fresh), removed)
+        record_io_names(model)
     model.metadata_props["onnxgrow.history"] = (
         model.metadata_props.get("onnxgrow.history", "") +
         f"subclone:hidden={sizes[spec.hidden]},layers={num - len(removed)},removed={removed};")

@@ -40,6 +40,7 @@ from .errors import NOT_PRESERVED, OnnxgrowError
 
 DEFAULT_SHAPES = ((1, 5), (2, 9), (3, 16))
 IO_MAP_KEY = "onnxgrow.io_map"
+IO_NAMES_KEY = "onnxgrow.io_names"  # renamed inputs/outputs (deepened or pruned KV caches)
 
 # Default tolerance on the max abs difference, by the dtype the outputs are compared in. Float32
 # rewrites that only reorder sums stay far below 1e-4 on small activations; half precisions round
@@ -661,7 +662,8 @@ def validate(source: Path, target: Path, *, provider: str = "auto", inputs: Path
     if (text is None) != (tokenizer is None):
         raise OnnxgrowError("a text needs a tokenizer and a tokenizer needs a text")
     source_model, target_model = modelio.load(source), modelio.load(target)
-    _check_same_interface(source_model, target_model, source, target)
+    io_names = read_io_names(target_model, target)
+    _check_same_interface(source_model, target_model, source, target, io_names)
     io_map = read_io_map(target_model, target)
     _check_io_map_names(io_map, source_model, target_model, target)
     plan = plan_inputs(source_model)
@@ -674,18 +676,24 @@ def validate(source: Path, target: Path, *, provider: str = "auto", inputs: Path
         cases = [plan.make(batch, seq, past_length, seed) for batch, seq in shapes]
 
     source_session, target_session = open_session(source, provider), open_session(target, provider)
-    output_names = [o.name for o in source_session.get_outputs()]
+    # target name -> the source name it stands for (a deepened KV-cache model renumbers its caches;
+    # a copied block's new past inputs are fed its original's past)
+    feeds_from = {v.name: io_names["inputs"].get(v.name, v.name)
+                  for v in target_model.graph.inputs if v.const_value is None}
+    compared = {o.name: io_names["outputs"].get(o.name, o.name) for o in target_session.get_outputs()}
+    compared = {t: s for t, s in compared.items() if s is not None}
     checks: dict[str, OutputCheck] = {}
     for feeds in cases:
         expected = run_model(source_session, feeds)
-        target_feeds = {name: map_input(array, io_map["inputs"].get(name, {}), name) for name, array in feeds.items()}
+        target_feeds = {name: map_input(feeds[src], io_map["inputs"].get(name, {}), name)
+                        for name, src in feeds_from.items()}
         got = run_model(target_session, target_feeds)
-        for name in output_names:
+        for name, src in compared.items():
             if name not in checks:
-                dtype, default = _tolerance_for(expected[name].dtype, got[name].dtype)
-                checks[name] = OutputCheck(name, expected[name].shape, dtype,
+                dtype, default = _tolerance_for(expected[src].dtype, got[name].dtype)
+                checks[name] = OutputCheck(name, expected[src].shape, dtype,
                                            default if tolerance is None else tolerance)
-            _compare(checks[name], got[name], expected[name], io_map["outputs"].get(name, {}))
+            _compare(checks[name], got[name], expected[src], io_map["outputs"].get(name, {}))
 
     note = TOLERANCE_NOTE if tolerance is None else f"{tolerance:g} (given)"
     shapes_fed = [{name: list(array.shape) for name, array in feeds.items()} for feeds in cases]
@@ -693,24 +701,44 @@ def validate(source: Path, target: Path, *, provider: str = "auto", inputs: Path
                   past_length if plan.past_dims and inputs is None else None, note, list(checks.values()))
 
 
-def _check_same_interface(source_model: ir.Model, target_model: ir.Model, source: Path, target: Path) -> None:
-    def names(values):
-        return [v.name for v in values if v.const_value is None]
+def read_io_names(model: ir.Model, path: Path) -> dict:
+    """{"inputs"|"outputs": {target name: source name or None}} from the target's metadata."""
+    raw = model.metadata_props.get(IO_NAMES_KEY)
+    if raw is None:
+        return {"inputs": {}, "outputs": {}}
+    try:
+        data = json.loads(raw)
+        return {"inputs": dict(data.get("inputs", {})), "outputs": dict(data.get("outputs", {})),
+                "dropped": list(data.get("dropped", []))}
+    except (json.JSONDecodeError, AttributeError, TypeError):
+        raise OnnxgrowError(f"{path} has a malformed {IO_NAMES_KEY}") from None
 
-    src_in, tgt_in = names(source_model.graph.inputs), names(target_model.graph.inputs)
+
+def _check_same_interface(source_model: ir.Model, target_model: ir.Model, source: Path, target: Path,
+                          io_names: dict | None = None) -> None:
+    io_names = io_names or {"inputs": {}, "outputs": {}}
+
+    def names(values, side=None):  # a target's names are read as the source names they stand for
+        return [io_names[side].get(v.name, v.name) if side else v.name for v in values if v.const_value is None]
+
+    src_in, tgt_in = names(source_model.graph.inputs), names(target_model.graph.inputs, "inputs")
+    dropped = set(io_names.get("dropped", []))
+    if dropped:  # a model with blocks removed no longer reads their caches
+        src_in = [n for n in src_in if n in tgt_in]
     if set(src_in) != set(tgt_in):
         only_src = sorted(set(src_in) - set(tgt_in))
         only_tgt = sorted(set(tgt_in) - set(src_in))
         raise OnnxgrowError(f"{source} and {target} have different inputs (only in source: {only_src}, "
                             f"only in target: {only_tgt})")
-    missing = sorted(set(names(source_model.graph.outputs)) - set(names(target_model.graph.outputs)))
+    missing = sorted(set(names(source_model.graph.outputs)) - set(names(target_model.graph.outputs, "outputs"))
+                     - dropped)
     if missing:
         raise OnnxgrowError(f"{target} lacks the source outputs {missing}")
 
 
 def _check_io_map_names(io_map: dict, source_model: ir.Model, target_model: ir.Model, target: Path) -> None:
     inputs = {v.name for v in target_model.graph.inputs}
-    outputs = {v.name for v in source_model.graph.outputs}
+    outputs = {v.name for v in target_model.graph.outputs}
     for side, known in (("inputs", inputs), ("outputs", outputs)):
         unknown = sorted(set(io_map[side]) - known)
         if unknown:

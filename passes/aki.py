@@ -35,7 +35,7 @@ def block_weights(spec, resizer, block) -> list[str]:
 
 def after(spec, resizer) -> None:
     graph = spec.model.graph
-    blocks = block_graphs(spec, side_outputs=True)
+    blocks = block_graphs(spec)
     lists = [block_weights(spec, resizer, b) for b in blocks]
     for lower, upper in zip(lists, lists[1:]):
         if len(lower) != len(upper):

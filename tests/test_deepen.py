@@ -12,7 +12,7 @@ from onnxgrow.errors import OnnxgrowError
 from conftest import DEFAULT_MODEL, SMALL_NAMES
 from helpers import save_and_validate, worst
 
-PRE_NORM = [n for n in SMALL_NAMES if not n.startswith("bert") and "optimum" not in n]
+PRE_NORM = [n for n in SMALL_NAMES if not n.startswith("bert")]  # the Optimum KV-cache exports too
 POST_NORM = [n for n in SMALL_NAMES if n.startswith("bert")]
 KV_CACHE = [n for n in SMALL_NAMES if "optimum" in n]
 runner = CliRunner()
@@ -36,9 +36,13 @@ def test_identity_is_refused_for_post_norm(zoo, name):
 
 
 @pytest.mark.parametrize("name", KV_CACHE)
-def test_kv_cache_exports_are_refused_clearly(zoo, name):
-    with pytest.raises(OnnxgrowError, match="KV cache"):
-        deepen(zoo[name]["file"], factor=2)
+def test_copied_blocks_get_their_own_cache(zoo, name):
+    """A KV-cache export grows past inputs and present outputs with its blocks, numbered in order."""
+    deep = deepen(zoo[name]["file"], at=[0])
+    inputs = [i.name for i in deep.graph.input]
+    outputs = [o.name for o in deep.graph.output]
+    for layer in range(3):
+        assert f"past_key_values.{layer}.key" in inputs and f"present.{layer}.value" in outputs
 
 
 @pytest.mark.parametrize("method", ["stack", "interleave"])

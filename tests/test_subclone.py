@@ -24,9 +24,8 @@ IDS = np.random.default_rng(0).integers(0, 500, (16, 24))
 def test_half_width_half_depth(zoo, tmp_path, name):
     entry = zoo[name]
     c = entry["config"]
-    kv_cache = entry["kv_cache"]
     result = subclone_ir(modelio.load(entry["file"]), IDS, hidden=c["hidden_size"] // 2,
-                         layers=None if kv_cache else c["num_layers"] // 2)
+                         layers=c["num_layers"] // 2)
     out = modelio.save(result.model, tmp_path / "sub.onnx")  # checked by onnx.checker
     report = validate(entry["file"], out)  # ORT runs both; outputs are compared at the kept dims
     assert all(np.isfinite(o.max_abs_diff) for o in report.outputs)
@@ -34,7 +33,7 @@ def test_half_width_half_depth(zoo, tmp_path, name):
     assert got["hidden_size"] == c["hidden_size"] // 2
     assert got["num_heads"] == c["num_heads"] // 2 and got["head_dim"] == c["head_dim"]
     assert got["ffn_size"] == c["ffn_size"] // 2
-    assert got["num_layers"] == (c["num_layers"] if kv_cache else c["num_layers"] // 2)
+    assert got["num_layers"] == c["num_layers"] // 2
 
 
 @pytest.mark.parametrize("name", SMALL_NAMES + ["minilm-ts17"])
@@ -45,9 +44,13 @@ def test_same_size_reproduces_the_source(zoo, tmp_path, name):
     assert report.passed
 
 
-def test_kv_cache_block_removal_is_refused(zoo):
-    with pytest.raises(OnnxgrowError, match="KV-cache"):
-        subclone_ir(modelio.load(zoo["gpt2-optimum-kv"]["file"]), IDS, layers=1)
+def test_kv_cache_block_removal_drops_its_cache(zoo, tmp_path):
+    src = zoo["llama-gqa-optimum-kv"]["file"]
+    result = subclone_ir(modelio.load(src), IDS, keep_layers=[1])
+    names = [v.name for v in result.model.graph.inputs]
+    assert "past_key_values.0.key" in names and "past_key_values.1.key" not in names
+    report = validate(src, modelio.save(result.model, tmp_path / "s.onnx"))
+    assert [o.name for o in report.outputs] == ["logits", "present.0.key", "present.0.value"]
 
 
 def test_minilm_subclone_keeps_sentence_embeddings(zoo):
