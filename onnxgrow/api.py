@@ -102,11 +102,12 @@ def widen(model, factor: float | None = None, *, hidden: int | None = None, head
 
 
 def widen_ir(model: ir.Model, factor=None, *, hidden=None, heads=None, kv_heads=None, ffn=None,
-             method="hypercloning", noise=0.0, seed=0) -> ir.Model:
+             method="hypercloning", noise=0.0, seed=0, spec: TransformerSpec | None = None) -> ir.Model:
+    """Widen `model` in place (`spec`: its structure, when the caller has found it already)."""
     method_pass = load_pass(method)
     if noise < 0:
         raise OnnxgrowError(f"--noise must be non-negative, got {noise}")
-    spec = load_structure(model)
+    spec = spec or load_structure(model)
     sizes = widen_sizes(spec, factor, hidden, heads, kv_heads, ffn)
     plans = method_pass.plans(spec, sizes, seed=seed)
     resizer = Resizer(spec, plans)
@@ -146,11 +147,12 @@ def deepen(model, layers: int | None = None, *, factor: int | None = None, metho
 
 
 def deepen_ir(model: ir.Model, layers=None, *, factor=None, method="identity", at=None, noise=0.0,
-              seed=0) -> ir.Model:
+              seed=0, spec: TransformerSpec | None = None) -> ir.Model:
+    """Deepen `model` in place (`spec`: its structure, when the caller has found it already)."""
     from .blocks import block_graphs, insert_after, record_io_names
     from .resize import set_tensor
     method_pass = load_pass(method, DEEPEN_METHODS)
-    spec = load_structure(model)
+    spec = spec or load_structure(model)
     num = len(spec.blocks)
     if layers is not None and factor is not None:
         raise OnnxgrowError("give --layers or --factor, not both")

@@ -124,16 +124,16 @@ def widen(model: Path = typer.Argument(..., help="source ONNX model"),
           verify: bool = typer.Option(True, help="run both models in ONNX Runtime and compare")):
     """Make MODEL wider, starting from what it knows."""
     source = modelio.load(model)
-    before = api.load_structure(api.as_ir(source))
+    spec = api.load_structure(source)
+    before = spec.config()  # the rewrite happens in place: one copy of the weights in memory
     wide = api.widen_ir(source, factor, hidden=hidden, heads=heads, kv_heads=kv_heads, ffn=ffn,
-                        method=method, noise=noise, seed=seed)
+                        method=method, noise=noise, seed=seed, spec=spec)
     label = f"widen{api.factor_label(factor)}x" if factor else f"widen-h{hidden}"
     output = output or api.default_output(model, label)
     exact = api.load_pass(method).EXACT
     report = write_checked(wide, model, output, force, exact, verify)
-    after = api.inspect(output)
-    out.print(config_table(f"{model} -> {output} ({method})", before.config(), after,
-                           headers=("source", "target")))
+    after = api.load_structure(wide).config()
+    out.print(config_table(f"{model} -> {output} ({method})", before, after, headers=("source", "target")))
     finish(report, output)
 
 
@@ -160,16 +160,16 @@ def deepen(model: Path = typer.Argument(..., help="source ONNX model"),
            verify: bool = typer.Option(True, help="run both models in ONNX Runtime and compare")):
     """Make MODEL deeper: identity blocks (exact), or stacked / interleaved copies of its blocks."""
     source = modelio.load(model)
-    before = api.load_structure(api.as_ir(source))
+    spec = api.load_structure(source)
+    before = spec.config()
     positions = parse_positions(at)
-    deep = api.deepen_ir(source, layers, factor=factor, method=method, at=positions, noise=noise, seed=seed)
-    target_layers = layers or (len(before.blocks) * factor if factor else len(before.blocks) + len(positions))
-    output = output or api.default_output(model, f"deepen-l{target_layers}")
+    deep = api.deepen_ir(source, layers, factor=factor, method=method, at=positions, noise=noise, seed=seed,
+                         spec=spec)
+    after = api.load_structure(deep).config()
+    output = output or api.default_output(model, f"deepen-l{after['num_layers']}")
     exact = api.load_pass(method, api.DEEPEN_METHODS).EXACT and noise == 0
     report = write_checked(deep, model, output, force, exact, verify)
-    after = api.inspect(output)
-    out.print(config_table(f"{model} -> {output} ({method})", before.config(), after,
-                           headers=("source", "target")))
+    out.print(config_table(f"{model} -> {output} ({method})", before, after, headers=("source", "target")))
     finish(report, output)
 
 
