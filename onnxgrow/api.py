@@ -57,7 +57,8 @@ def widen_sizes(spec: TransformerSpec, factor: float | None = None, hidden: int 
             raise OnnxgrowError(f"--factor must be positive, got {factor}")
         hidden = round(old_hidden * factor)
         heads = heads or round(old_heads * factor)
-        kv_heads = kv_heads or (heads if spec.group is None else round(old_kv * factor))
+        # multi-query attention stays multi-query: its one kv head serves more query heads
+        kv_heads = kv_heads or (heads if spec.group is None else 1 if old_kv == 1 else round(old_kv * factor))
     ratio = hidden / old_hidden
     if heads is None:
         heads = old_heads * ratio
@@ -71,8 +72,9 @@ def widen_sizes(spec: TransformerSpec, factor: float | None = None, hidden: int 
     if heads % kv_heads:
         raise OnnxgrowError(f"--heads {heads} is not a multiple of --kv-heads {kv_heads}")
     if old_kv == 1 and kv_heads > 1:
-        raise OnnxgrowError("multi-query attention (one key/value head): growing the kv heads is not "
-                            "supported; keep --kv-heads 1")
+        what = "single-head attention" if spec.group is None else "multi-query attention (one key/value head)"
+        raise OnnxgrowError(f"{what}: the key/value head cannot be copied (its axis has size 1 in the graph); "
+                            "keep --kv-heads 1")
     sizes = {spec.hidden: hidden}
     for d in distinct(b.attention.kv_heads for b in spec.blocks):
         sizes[d] = kv_heads

@@ -354,7 +354,7 @@ def head_geometry(flow: ShapeFlow, att: Attention, qk: ir.Node):
     head_factors = [f for d in qshape[:-2] for f in factors(d)
                     if f.size is not None and (f.size != 1 or id(f.root()) in k_atoms)]
     if not head_factors:
-        raise UnsupportedGraph(f"cannot find the head axis of attention {att.softmax.name!r}")
+        return Dim(1), None, head_dim  # a single head: its axis has size 1 everywhere
     kv_part = [f for f in head_factors if id(f.root()) in k_atoms]
     group_part = [f for f in head_factors if id(f.root()) not in k_atoms]
     if not kv_part and len(group_part) == 1:

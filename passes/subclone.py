@@ -45,7 +45,10 @@ def keep_top(scores: np.ndarray, k: int) -> Plan:
 def head_scores(attn_input: np.ndarray, dim, which) -> np.ndarray:
     """Importance of each index of one factor (kv heads or group) of the attention output axis."""
     sizes = [f.size for f in factors(dim)]
-    axis = [f.root() for f in factors(dim)].index(which.root())
+    roots = [f.root() for f in factors(dim)]
+    if which.root() not in roots:  # a single (kv) head has no axis of its own to rank
+        return np.ones(which.size)
+    axis = roots.index(which.root())
     per_factor = attn_input.reshape(sizes)
     other = tuple(a for a in range(len(sizes)) if a != axis)
     return per_factor.sum(axis=other)
