@@ -15,6 +15,7 @@ import onnx
 import onnx_ir as ir
 
 from .errors import OnnxgrowError
+from .singlefile import merge_external
 
 TWO_GB = 2**31
 # ONNX Runtime releases accept IR versions up to a limit; exporters may write newer ones.
@@ -79,15 +80,21 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
     data_name = path.name + ".data"
     tmp_dir = Path(tempfile.mkdtemp(prefix=".onnxgrow-", dir=path.parent))
     try:
-        tmp_model = tmp_dir / path.name
-        ir.save(model, tmp_model, external_data=data_name if external_data else None)
-        # the checker reads the file (path form), which works for models of any size
-        onnx.checker.check_model(str(tmp_model))
+        # Weights are streamed to an external data file first (one tensor in memory at a time); the
+        # checker and `verify` see that staged model, and a single-file output is then assembled
+        # from it without ever holding the whole serialized model (onnxgrow/singlefile.py).
+        staged = tmp_dir / path.name
+        ir.save(model, staged, external_data=data_name)
+        onnx.checker.check_model(str(staged))
         if verify is not None:
-            verify(tmp_model)
+            verify(staged)
         if external_data:
             os.replace(tmp_dir / data_name, path.parent / data_name)
-        os.replace(tmp_model, path)
+            os.replace(staged, path)
+        else:
+            merged = tmp_dir / (path.name + ".single")
+            merge_external(staged, merged)
+            os.replace(merged, path)
     except OnnxgrowError:
         raise
     except Exception as e:
