@@ -7,12 +7,12 @@ one element at a time, so the file can be written instead as
     model fields except the graph | graph tag + length | graph fields except initializers |
     for each initializer: tag + length + (name, dims, data type) + raw_data tag + length + bytes
 
-with the bytes copied straight from the external data file. Peak memory is one tensor's header.
+with the bytes copied by the kernel from the external data file. Peak memory is one tensor's header.
 """
 
 from __future__ import annotations
 
-import mmap
+import os
 from pathlib import Path
 
 import onnx
@@ -87,12 +87,29 @@ def merge_external(staged: Path, output: Path) -> None:
                 if span:
                     location, offset, length = span
                     if location not in files:
-                        f = open(staged.parent / location, "rb")
-                        files[location] = (f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
-                    view = memoryview(files[location][1])
-                    out.write(view[offset:offset + length])  # no copy: the page cache goes to the file
-                    view.release()
+                        files[location] = open(staged.parent / location, "rb")
+                    out.flush()
+                    copy_range(files[location], out, offset, length)
     finally:
-        for f, m in files.values():
-            m.close()
+        for f in files.values():
             f.close()
+
+
+def copy_range(src, dst, offset: int, length: int, chunk: int = 64 * 2**20) -> None:
+    """Copy bytes file to file; the kernel moves them (sendfile), so they never enter our memory."""
+    try:
+        while length > 0:
+            sent = os.sendfile(dst.fileno(), src.fileno(), offset, min(length, chunk))
+            if sent == 0:
+                raise OSError("external data file ended early")
+            offset, length = offset + sent, length - sent
+    except (AttributeError, OSError) as e:
+        if isinstance(e, OSError) and "ended early" in str(e):
+            raise
+        src.seek(offset)  # no sendfile here: fall back to bounded chunks
+        while length > 0:
+            block = src.read(min(length, chunk))
+            if not block:
+                raise OSError("external data file ended early") from None
+            dst.write(block)
+            length -= len(block)
