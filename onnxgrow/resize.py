@@ -16,6 +16,7 @@ Passes decide the values: whether a weight that sums over copied inputs is divid
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Callable
@@ -101,18 +102,21 @@ class Resizer:
     def apply(self, rule: WeightRule, weight_hook: Callable | None = None) -> ir.Model:
         self.check_refusals()
         g = self.spec.model.graph
-        rng = np.random.default_rng(rule.seed)
         tied = self.tied_tables()
-        for name, value in list(g.initializers.items()):
+        for k, (name, value) in enumerate(list(g.initializers.items())):
             dims = self.flow.dims[value]
             if not any(self.touches(d) for d in dims):
                 continue
-            old = value.const_value.numpy()
             contracted = set() if name in tied else self.flow.contracted.get(name, set())
-            new = resize_array(old, [self.index_map(d) for d in dims], contracted, rule, rng)
-            if weight_hook is not None:
-                new = weight_hook(name, old, new, dims)
-            set_tensor(value, new)
+            maps = [self.index_map(d) for d in dims]
+            # Each weight is computed when it is written (or read), one at a time, so a model is
+            # resized with one new tensor in memory; its own seed makes the result the same
+            # whenever and however often it is computed.
+            resized = functools.partial(resize_tensor, value.const_value, maps, contracted, rule,
+                                        (rule.seed, k), weight_hook, name, dims)
+            value.const_value = ir.LazyTensor(resized, dtype=value.const_value.dtype,
+                                              shape=ir.Shape([len(m) for m in maps]), name=name)
+            value.shape = ir.Shape([len(m) for m in maps])
         if tied:
             self.compensate_tied_head(sorted(tied)[0])
         self.rewrite_literals()
@@ -206,6 +210,14 @@ def copy_counts(source: np.ndarray) -> np.ndarray:
         per_old = np.bincount(source[valid])
         counts[valid] = per_old[source[valid]]
     return counts
+
+
+def resize_tensor(tensor, maps, contracted, rule, seed, hook, name, dims):
+    old = tensor.numpy()
+    new = resize_array(old, maps, contracted, rule, np.random.default_rng(seed))
+    if hook is not None:
+        new = hook(name, old, new, dims)
+    return ir.tensor(new, name=name)
 
 
 def resize_array(old: np.ndarray, maps: list[np.ndarray], contracted: set[int], rule: WeightRule,
