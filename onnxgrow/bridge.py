@@ -29,8 +29,9 @@ the head and the embedding stay tied during training, and `write_back` writes bo
 
 Numerics: float32 results match ONNX Runtime to ~1e-6 on the zoo. Under bf16/fp16 autocast, ops that
 need range or precision (Softmax, LayerNormalization, reductions, Pow, Sqrt, Erf, Exp, Log,
-Reciprocal, CumSum) upcast their input to float32 and return float32. Dropout nodes are identities:
-exports are inference graphs.
+Reciprocal, CumSum) upcast their input to float32 and return float32. Casting the module
+(module.bfloat16()) casts its Parameters only: graph constants keep their type, since a float32 mask
+fill value such as -3.4e38 is -inf in bf16. Dropout nodes are identities: exports are inference graphs.
 """
 
 from __future__ import annotations
@@ -38,12 +39,14 @@ from __future__ import annotations
 import math
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 import torch
 import torch.nn.functional as F
+from onnx_ir.tensor_adapters import TorchTensor
 from torch import nn
 
 from . import modelio
@@ -67,10 +70,6 @@ FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto
 
 
 # --- host values and tensors ------------------------------------------------------------------------
-
-
-def is_host(x) -> bool:
-    return x is not None and not isinstance(x, torch.Tensor)
 
 
 def host_dtype(x):
@@ -145,11 +144,11 @@ def op(*names, host=None):
     return register
 
 
-def binary(torch_fn, host_fn, names):
+def binary(name, torch_fn, host_fn):
     def run(dev, a, x, y):
         like = first_tensor(x, y)
         return torch_fn(T(x, dev, like), T(y, dev, like))
-    op(*names, host=lambda a, x, y: bmap(host_fn, x, y))(run)
+    op(name, host=lambda a, x, y: bmap(host_fn, x, y))(run)
 
 
 def int_div(x, y):
@@ -158,38 +157,39 @@ def int_div(x, y):
     return torch.div(x, y, rounding_mode="trunc")
 
 
-def power(x, y):
-    out = torch.pow(f32(x), y)
-    return out if x.dtype.is_floating_point else out.to(x.dtype)
-
-
-binary(torch.add, lambda x, y: x + y, ["Add"])
-binary(torch.sub, lambda x, y: x - y, ["Sub"])
-binary(torch.mul, lambda x, y: x * y, ["Mul"])
-binary(int_div, trunc_div, ["Div"])
-binary(torch.eq, lambda x, y: x == y, ["Equal"])
-binary(torch.lt, lambda x, y: x < y, ["Less"])
-binary(torch.le, lambda x, y: x <= y, ["LessOrEqual"])
-binary(torch.gt, lambda x, y: x > y, ["Greater"])
-binary(torch.ge, lambda x, y: x >= y, ["GreaterOrEqual"])
-binary(torch.logical_and, lambda x, y: x and y, ["And"])
-binary(torch.logical_or, lambda x, y: x or y, ["Or"])
-binary(torch.logical_xor, lambda x, y: x != y, ["Xor"])
+binary("Add", torch.add, lambda x, y: x + y)
+binary("Sub", torch.sub, lambda x, y: x - y)
+binary("Mul", torch.mul, lambda x, y: x * y)
+binary("Div", int_div, trunc_div)
+binary("Equal", torch.eq, lambda x, y: x == y)
+binary("Less", torch.lt, lambda x, y: x < y)
+binary("LessOrEqual", torch.le, lambda x, y: x <= y)
+binary("Greater", torch.gt, lambda x, y: x > y)
+binary("GreaterOrEqual", torch.ge, lambda x, y: x >= y)
+binary("And", torch.logical_and, lambda x, y: x and y)
+binary("Or", torch.logical_or, lambda x, y: x or y)
+binary("Xor", torch.logical_xor, lambda x, y: x != y)
 
 
 @op("Pow")
 def pow_(dev, a, x, y):
-    return power(T(x, dev), y)
+    x = T(x, dev)
+    out = torch.pow(f32(x), T(y, dev) if isinstance(y, list) else y)
+    return out if x.dtype.is_floating_point else out.to(x.dtype)  # Pow keeps the base's type
 
 
-@op("Mod", host=lambda a, x, y: bmap(math.fmod if a.get("fmod", 0) else (lambda p, q: p % q), x, y))
+def mod_host(a, x, y):
+    return bmap(math.fmod if a.get("fmod", 0) else (lambda p, q: p % q), x, y)
+
+
+@op("Mod", host=mod_host)
 def mod(dev, a, x, y):
     like = first_tensor(x, y)
     x, y = T(x, dev, like), T(y, dev, like)
     return torch.fmod(x, y) if a.get("fmod", 0) else torch.remainder(x, y)
 
 
-def variadic(torch_fn, host_fn):
+def variadic(name, torch_fn, host_fn):
     def run(dev, a, *xs):
         like = first_tensor(*xs)
         out = T(xs[0], dev, like)
@@ -202,46 +202,47 @@ def variadic(torch_fn, host_fn):
         for x in xs[1:]:
             out = bmap(host_fn, out, x)
         return out
-    return run, host
+    op(name, host=host)(run)
+    return run
 
 
-for _name, _fns in {"Max": variadic(torch.maximum, max), "Min": variadic(torch.minimum, min),
-                    "Sum": variadic(torch.add, lambda x, y: x + y)}.items():
-    op(_name, host=_fns[1])(_fns[0])
+variadic("Max", torch.maximum, max)
+variadic("Min", torch.minimum, min)
+sum_ = variadic("Sum", torch.add, lambda x, y: x + y)
 
 
 @op("Mean")
 def mean_(dev, a, *xs):
-    return OPS["Sum"][0](dev, a, *xs) / len(xs)
+    return sum_(dev, a, *xs) / len(xs)
 
 
-def unary(names, torch_fn, host_fn=None, upcast=False):
+def unary(name, torch_fn, host_fn=None, upcast=False):
     def run(dev, a, x):
         x = T(x, dev)
         return torch_fn(f32(x) if upcast else x)
-    op(*names, host=(lambda a, x: bmap(host_fn, x)) if host_fn else None)(run)
+    op(name, host=(lambda a, x: bmap(host_fn, x)) if host_fn else None)(run)
 
 
-unary(["Neg"], torch.neg, lambda x: -x)
-unary(["Abs"], torch.abs, abs)
-unary(["Not"], torch.logical_not, lambda x: not x)
-unary(["Identity"], lambda x: x, lambda x: x)
-unary(["Sqrt"], torch.sqrt, upcast=True)
-unary(["Reciprocal"], torch.reciprocal, upcast=True)
-unary(["Erf"], torch.erf, upcast=True)
-unary(["Exp"], torch.exp, upcast=True)
-unary(["Log"], torch.log, upcast=True)
-unary(["Tanh"], torch.tanh)
-unary(["Sigmoid"], torch.sigmoid)
-unary(["Relu"], torch.relu)
-unary(["Cos"], torch.cos)
-unary(["Sin"], torch.sin)
-unary(["Floor"], torch.floor)
-unary(["Ceil"], torch.ceil)
-unary(["Round"], torch.round)  # both round half to even
-unary(["Sign"], torch.sign)
-unary(["IsNaN"], torch.isnan)
-unary(["Softplus"], F.softplus)
+unary("Neg", torch.neg, lambda x: -x)
+unary("Abs", torch.abs, abs)
+unary("Not", torch.logical_not, lambda x: not x)
+unary("Identity", lambda x: x, lambda x: x)
+unary("Sqrt", torch.sqrt, upcast=True)
+unary("Reciprocal", torch.reciprocal, upcast=True)
+unary("Erf", torch.erf, upcast=True)
+unary("Exp", torch.exp, upcast=True)
+unary("Log", torch.log, upcast=True)
+unary("Tanh", torch.tanh)
+unary("Sigmoid", torch.sigmoid)
+unary("Relu", torch.relu)
+unary("Cos", torch.cos)
+unary("Sin", torch.sin)
+unary("Floor", torch.floor)
+unary("Ceil", torch.ceil)
+unary("Round", torch.round)  # both round half to even
+unary("Sign", torch.sign)
+unary("IsNaN", torch.isnan)
+unary("Softplus", F.softplus)
 
 
 @op("IsInf")
@@ -318,20 +319,30 @@ def dropout(dev, a, x, ratio=None, training=None):
 # --- matrix products and normalisation --------------------------------------------------------------
 
 
+def same_dtype(x, y):
+    """Operands in one dtype. Autocast does this for matmuls; a module cast to bf16 as a whole meets
+    the float32 outputs of the ops that upcast (Softmax, norms), and promotion keeps them exact."""
+    if x.dtype == y.dtype:
+        return x, y
+    dtype = torch.promote_types(x.dtype, y.dtype)
+    return x.to(dtype), y.to(dtype)
+
+
 @op("MatMul")
 def matmul(dev, a, x, y):
-    return torch.matmul(x, y)
+    return torch.matmul(*same_dtype(x, y))
 
 
 @op("Gemm")
 def gemm(dev, a, x, y, c=None):
+    x, y = same_dtype(x, y)
     x = x.t() if a.get("transA", 0) else x
     y = y.t() if a.get("transB", 0) else y
     alpha, beta = a.get("alpha", 1.0), a.get("beta", 1.0)
     if c is None:
         out = torch.mm(x, y)
         return out * alpha if alpha != 1.0 else out
-    return torch.addmm(T(c, dev, x), x, y, beta=beta, alpha=alpha)
+    return torch.addmm(T(c, dev, x).to(x.dtype), x, y, beta=beta, alpha=alpha)
 
 
 @op("Einsum")
@@ -355,7 +366,7 @@ def layer_norm(dev, a, x, scale, bias=None):
     x = f32(x)
     axis = axis_of(a.get("axis", -1), x.dim())
     eps = a.get("epsilon", 1e-5)
-    y = F.layer_norm(x, x.shape[axis:], scale, bias, eps)
+    y = F.layer_norm(x, x.shape[axis:], scale.to(x.dtype), bias.to(x.dtype) if bias is not None else None, eps)
     if a["_nout"] == 1:
         return y
     dims = tuple(range(axis, x.dim()))
@@ -368,7 +379,7 @@ def layer_norm(dev, a, x, scale, bias=None):
 def rms_norm(dev, a, x, scale):
     x = f32(x)
     dims = tuple(range(axis_of(a.get("axis", -1), x.dim()), x.dim()))
-    return x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + a.get("epsilon", 1e-5)) * scale
+    return x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + a.get("epsilon", 1e-5)) * scale.to(x.dtype)
 
 
 def reduce_axes(a, x, axes):
@@ -546,7 +557,16 @@ def size(dev, a, x):
     return x.numel()
 
 
-@op("Reshape")
+def reshape_host(a, x, target):
+    flat, target = as_list(x), as_list(target)
+    if len(target) == 1:
+        return list(flat)
+    if not target and len(flat) == 1:
+        return flat[0]
+    return NotImplemented
+
+
+@op("Reshape", host=reshape_host)
 def reshape(dev, a, x, target):
     x, target = T(x, dev), as_list(S(target))
     if not a.get("allowzero", 0):
@@ -621,7 +641,19 @@ def split(dev, a, x, sizes=None):
     return tuple(torch.split(x, sizes, axis))
 
 
-@op("Expand")
+def expand_host(a, x, target):
+    target = as_list(target)
+    if isinstance(x, list) and len(x) > 1:
+        return x if len(target) == 1 and target[0] in (1, len(x)) else NotImplemented
+    if len(target) > 1:
+        return NotImplemented
+    if not target:
+        return x
+    value = x[0] if isinstance(x, list) else x
+    return [value] * target[0] if target[0] <= HOST_MAX else NotImplemented
+
+
+@op("Expand", host=expand_host)
 def expand(dev, a, x, target):
     x = T(x, dev)
     target = as_list(S(target))
@@ -775,16 +807,15 @@ class OnnxModule(nn.Module):
         self.keys: dict[str, str] = {}  # initializer -> parameter/buffer attribute
         self.tied = dict(ties)  # tied copy -> (base initializer, stored transposed)
         self._host: dict[str, object] = {}
+        self._float_constants: dict[str, torch.Tensor] = {}  # buffer -> its value as the graph has it
         taken: set = set()
         for name, v in graph.initializers.items():
-            if v.const_value is None or name in ties:
-                if name in ties:
-                    self.onnx_types[name] = int(v.const_value.dtype)
+            if v.const_value is None:
                 continue
-            t = tensor_from_ir(v.const_value)
             if int(v.const_value.dtype) in FLOAT_TYPES:
                 self.onnx_types[name] = int(v.const_value.dtype)
-            self._add_constant(name, t, name in trainable, taken)
+            if name not in ties:  # a tied copy is served from its base's Parameter
+                self._add_constant(name, tensor_from_ir(v.const_value), name in trainable, taken)
 
         unsupported, steps = set(), []
         for node in graph:
@@ -804,6 +835,7 @@ class OnnxModule(nn.Module):
         if unsupported:
             raise OnnxgrowError(f"the torch bridge does not implement these ops: {', '.join(sorted(unsupported))}")
         self._steps = steps
+        self._device_key = next(iter(self.keys.values()), None)
         self._drops = last_uses(steps, set(self.output_names))
         missing = [n for n in self.output_names if n not in self.keys and n not in self._host
                    and n not in self.input_names and n not in ties and not any(n in s[3] for s in steps)]
@@ -819,8 +851,20 @@ class OnnxModule(nn.Module):
         if isinstance(value, torch.Tensor):
             self.keys[name] = key = param_key(name, taken)
             self.register_buffer(key, t, persistent=False)  # a graph constant: nothing to save
+            if t.dtype.is_floating_point:
+                self._float_constants[key] = t
         else:
             self._host[name] = value
+
+    def _apply(self, fn, recurse=True):
+        # module.to(dtype) / .bfloat16() casts the weights, not the graph's constants: a float32 mask
+        # fill value like -3.4e38 is -inf in bf16, and 0 * -inf makes NaNs. They follow the device only.
+        super()._apply(fn, recurse)
+        for key, original in self._float_constants.items():
+            buffer = self._buffers[key]
+            if buffer.dtype != original.dtype:
+                self._buffers[key] = original.to(buffer.device)
+        return self
 
     def extra_repr(self) -> str:
         n = sum(p.numel() for p in self.parameters())
@@ -869,11 +913,8 @@ class OnnxModule(nn.Module):
     # --- running ---
 
     def device(self) -> torch.device:
-        for t in self.parameters():
-            return t.device
-        for t in self.buffers():
-            return t.device
-        return torch.device("cpu")
+        # by attribute name: torch.compile cannot trace next(iter(self.parameters()))
+        return getattr(self, self._device_key).device if self._device_key else torch.device("cpu")
 
     def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         dev = self.device()
@@ -960,8 +1001,12 @@ def to_torch(model) -> OnnxModule:
 def as_proto(model) -> onnx.ModelProto:
     """A private ModelProto copy of a path, proto or onnx-ir model, with its weights in memory."""
     if isinstance(model, (str, os.PathLike)):
-        modelio.load(model)  # the same checks (and one-line errors) as every other entry point
-        return onnx.load(str(model))
+        if not Path(model).is_file():
+            raise OnnxgrowError(f"no such file: {model}")
+        try:
+            return onnx.load(str(model))
+        except Exception:  # protobuf's parse errors say nothing useful
+            raise OnnxgrowError(f"{model} is not a readable ONNX model") from None
     if isinstance(model, onnx.ModelProto):
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
@@ -1004,3 +1049,18 @@ def write_back(module: OnnxModule, model=None) -> onnx.ModelProto:
     for name in module.float_initializers():
         store(by_name[name], module.initializer(name))
     return proto
+
+
+def write_into(module: OnnxModule, m: ir.Model) -> ir.Model:
+    """Put the module's weights into onnx-ir model `m`, in place (train saves through this: the
+    tensors stream to disk with modelio.save, with no ModelProto of the whole model in memory)."""
+    for name in module.float_initializers():
+        value = m.graph.initializers.get(name)
+        if value is None:
+            raise OnnxgrowError(f"the model has no initializer {name!r}: the module was built from another model")
+        t = module.initializer(name).detach().to("cpu", TORCH_DTYPE[module.onnx_types[name]]).contiguous().clone()
+        if tuple(t.shape) != tuple(value.const_value.shape):
+            raise OnnxgrowError(f"initializer {name!r} is {list(value.const_value.shape)}, "
+                                f"the module's {list(t.shape)}")
+        value.const_value = TorchTensor(t, name=name)
+    return m

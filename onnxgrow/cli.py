@@ -259,6 +259,55 @@ def subclone(model: Path = typer.Argument(..., help="source ONNX model (the larg
 
 @app.command()
 @one_line_errors
+def train(model: Path = typer.Argument(..., help="ONNX model to continue training"),
+          data: Path = typer.Option(..., help="training text (with --tokenizer or --bytes) or .npy of token ids"),
+          tokenizer: Optional[Path] = typer.Option(None, help="tokenizer.json"),
+          use_bytes: bool = typer.Option(False, "--bytes", help="token id = byte value"),
+          steps: int = typer.Option(..., help="optimizer steps"),
+          batch: int = typer.Option(8),
+          seq: int = typer.Option(128),
+          lr: float = typer.Option(3e-4),
+          device: str = typer.Option("auto", help="auto | cuda | cpu"),
+          distill_from: Optional[Path] = typer.Option(None, help="source ONNX model whose predictions to match"),
+          alpha: float = typer.Option(0.5, help="weight of the distillation term"),
+          objective: str = typer.Option("auto", help="auto | clm | mlm"),
+          resume: bool = typer.Option(False, help="continue from OUT.ckpt"),
+          output: Optional[Path] = typer.Option(None, "--output", "-o"),
+          force: bool = typer.Option(False, help="replace an existing output")):
+    """Continue training MODEL in torch and write the trained weights back to ONNX."""
+    from .train import train as run_training
+    summary = run_training(model, data, tokenizer=tokenizer, use_bytes=use_bytes, steps=steps, batch=batch,
+                           seq=seq, lr=lr, device=device, distill_from=distill_from, alpha=alpha,
+                           output=output, resume=resume, objective=objective, force=force, console=out)
+    out.print(f"held-out loss {summary['val_loss_start']:.4f} -> {summary['val_loss_end']:.4f} "
+              f"({summary['tokens_per_s']:.0f} tokens/s); wrote {summary['output']}, loss curve {summary['plot']}")
+
+
+@app.command("export-weights")
+@one_line_errors
+def export_weights(model: Path, output: Path = typer.Option(..., "--output", "-o", help="weights.safetensors"),
+                   force: bool = typer.Option(False, help="replace an existing output")):
+    """Write MODEL's weights to safetensors, named by structural role (layers.3.attn.q, ...)."""
+    from .weights import export_weights as run_export
+    out.print(f"wrote {run_export(model, output, force=force)}")
+
+
+@app.command("import-weights")
+@one_line_errors
+def import_weights(model: Path, weights: Path,
+                   output: Path = typer.Option(..., "--output", "-o"),
+                   strict: bool = typer.Option(True, help="every tensor in WEIGHTS must fit MODEL"),
+                   force: bool = typer.Option(False, help="replace an existing output")):
+    """Put role-named safetensors weights (from export-weights or a torch run) back into MODEL."""
+    from .weights import load_weights
+    import onnx_ir as ir
+    updated = load_weights(model, weights, strict=strict)
+    modelio.save(ir.from_proto(updated), output, input_paths=(model,), force=force)
+    out.print(f"wrote {output}")
+
+
+@app.command()
+@one_line_errors
 def demo(output_dir: Path = typer.Option(Path("out"), help="where to write the grown model")):
     """The main job on the embedded tiny GPT-2: inspect, widen x2 by HyperCloning, validate."""
     out.print(f"[bold]source[/bold] {DEFAULT_MODEL}")
