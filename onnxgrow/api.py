@@ -32,7 +32,13 @@ def as_ir(model) -> ir.Model:
     if isinstance(model, onnx.ModelProto):
         return ir.from_proto(model)
     if isinstance(model, ir.Model):
-        return ir.from_proto(ir.to_proto(model))
+        copy = ir.from_proto(ir.to_proto(model))
+        # external tensors are read relative to the model's folder, which the proto does not carry
+        base = next((v.const_value.base_dir for v in model.graph.initializers.values()
+                     if isinstance(v.const_value, ir.ExternalTensor)), None)
+        if base is not None:
+            ir.external_data.set_base_dir(copy.graph, base)
+        return copy
     raise OnnxgrowError(f"expected a model path or ModelProto, got {type(model).__name__}")
 
 

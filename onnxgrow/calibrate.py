@@ -75,7 +75,8 @@ def mean_abs(model: ir.Model, probes: dict[str, ir.Value], ids: np.ndarray, batc
     "before->after": how much a block changes the stream.
     """
     plan = plan_inputs(model)
-    probe_model = ir.from_proto(ir.to_proto(model))
+    from .api import as_ir
+    probe_model = as_ir(model)  # a copy that still finds its external data
     by_name = {v.name: v for n in probe_model.graph for v in n.outputs}
     for v in probe_model.graph.inputs:
         by_name[v.name] = v
@@ -91,7 +92,7 @@ def mean_abs(model: ir.Model, probes: dict[str, ir.Value], ids: np.ndarray, batc
     squares: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "probe.onnx"
-        ir.save(probe_model, path)
+        ir.save(probe_model, path, external_data="probe.onnx.data")
         session = open_session(path, provider)
         with Progress(transient=True) as progress:
             task = progress.add_task(label, total=len(ids))

@@ -218,7 +218,7 @@ def subclone(model: Path = typer.Argument(..., help="source ONNX model (the larg
     from . import calibrate
     from .subclone import fidelity, randomized, subclone_ir
     source = modelio.load(model)
-    before = api.load_structure(api.as_ir(source))
+    before = api.load_structure(source)
     if calib is None:
         if not allow_random_calib:
             raise OnnxgrowError("subclone ranks neurons on calibration data: give --calib "

@@ -85,7 +85,7 @@ def open_session(path: str | os.PathLike, provider: str = "auto") -> ort.Inferen
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.intra_op_num_threads = min(4, os.cpu_count() or 1)
     options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # ORT's warnings about unused initializers etc. are not for our users
+    options.log_severity_level = 4  # fatal only: ORT would print warnings and failed runs itself; we report in one line
     providers = resolve_providers(provider)
     try:
         try:
