@@ -1,0 +1,199 @@
+"""Fuzz every command with broken and hostile inputs, for longer than the test suite does.
+
+    python bench/fuzz.py --cases 3000 --seed 1            # random mutations of the tiny GPT-2
+    python bench/fuzz.py --cases 3000 --seed 1 --fixed    # plus every fixed case x every command
+    python bench/fuzz.py --repro 'proto-dims#123' --command widen   # rerun one case, with a traceback
+
+The cases and the contract are those of tests/test_fuzz.py: a bad input gets one "error:" line, exit
+code 2, no traceback and no file written; an input of unclear validity may be accepted (exit 0, or 1
+where the command has "not preserved"), and then what it wrote must be a valid model. Each case runs
+one command (they take turns) in a worker process, so a crash or a hang in native code is recorded
+as a failure of that case instead of ending the run.
+
+Prints one row per kind of input: cases tried, accepted, rejected cleanly, failures; then every
+failure with the command line that reproduces it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import multiprocessing as mp
+from multiprocessing.connection import wait
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+CASE_LIMIT = 120  # seconds before a worker is killed as hung (the worker's own alarm fires at 60)
+
+
+def kind_of(name: str) -> str:
+    """'bitflip@123.4' -> 'bitflip', 'proto-dims#99' -> 'proto-dims', 'insert16@5' -> 'insert'."""
+    kind = name.split("@")[0].split("#")[0]
+    return kind.rstrip("0123456789") or kind
+
+
+def all_cases(n: int, seed: int, fixed: bool):
+    import test_fuzz as F
+    commands = list(F.COMMANDS)
+    jobs = [(c, commands[i % len(commands)]) for i, c in enumerate(F.random_cases(n, seed))]
+    if fixed:
+        jobs += [(c, cmd) for c in F.fixed_cases() for cmd in commands]
+    return jobs
+
+
+def worker(conn, n: int, seed: int, fixed: bool) -> None:
+    """Runs the cases whose indices arrive on `conn`; answers (index, status, detail, seconds)."""
+    os.environ.pop("ONNXGROW_DEBUG", None)
+    import test_fuzz as F
+    jobs = all_cases(n, seed, fixed)
+    root = Path(tempfile.mkdtemp(prefix="onnxgrow-fuzz-"))
+    while True:
+        i = conn.recv()
+        if i is None:
+            return
+        case, command = jobs[i]
+        start = time.perf_counter()
+        try:
+            outcome = F.run_case(case, command, root / "case")
+        except Exception as e:  # the case could not even be built: a bug in the generator
+            outcome = F.Outcome("failure", f"generator: {type(e).__name__}: {e}")
+        conn.send((i, outcome.status, outcome.detail, time.perf_counter() - start))
+
+
+class Pool:
+    """Worker processes that are replaced when one crashes or hangs."""
+
+    def __init__(self, size: int, args):
+        self.ctx = mp.get_context("spawn")  # no ORT or onnx state shared with the parent
+        self.args = args
+        self.workers = [self.start() for _ in range(size)]
+
+    def start(self):
+        parent, child = self.ctx.Pipe()
+        proc = self.ctx.Process(target=worker, args=(child, *self.args), daemon=True)
+        proc.start()
+        return {"proc": proc, "conn": parent, "job": None, "since": 0.0}
+
+    def run(self, indices, on_result) -> None:
+        todo = collections.deque(indices)
+        while todo or any(w["job"] is not None for w in self.workers):
+            for k, w in enumerate(self.workers):
+                if w["job"] is None and todo:
+                    w["job"], w["since"] = todo.popleft(), time.monotonic()
+                    w["conn"].send(w["job"])
+            ready = wait([w["conn"] for w in self.workers if w["job"] is not None], timeout=1.0)
+            for k, w in enumerate(self.workers):
+                if w["job"] is None:
+                    continue
+                if w["conn"] in ready:
+                    try:
+                        on_result(*w["conn"].recv())
+                        w["job"] = None
+                        continue
+                    except EOFError:
+                        pass  # the worker died while answering: handled below
+                died = not w["proc"].is_alive()
+                hung = time.monotonic() - w["since"] > CASE_LIMIT
+                if died or hung:
+                    detail = f"crashed (exit code {w['proc'].exitcode})" if died else f"hung > {CASE_LIMIT} s"
+                    on_result(w["job"], "failure", detail, time.monotonic() - w["since"])
+                    w["proc"].kill()
+                    self.workers[k] = self.start()
+
+    def close(self) -> None:
+        for w in self.workers:
+            try:
+                w["conn"].send(None)
+            except (BrokenPipeError, OSError):
+                pass
+            w["proc"].join(timeout=5)
+            if w["proc"].is_alive():
+                w["proc"].kill()
+
+
+def repro(name: str, command: str, seed: int, n: int) -> None:
+    """Rerun one case in this process with ONNXGROW_DEBUG=1, so an unforeseen error shows its traceback."""
+    import test_fuzz as F
+    from onnxgrow.cli import app
+    matches = [c for c, _ in all_cases(n, seed, fixed=True) if c.name == name]
+    if not matches:
+        sys.exit(f"no case named {name!r} among the first {n} of seed {seed} or the fixed cases")
+    folder = Path(tempfile.mkdtemp(prefix="onnxgrow-repro-")) / "model"
+    folder.mkdir()
+    path = matches[0].make(folder)
+    args = F.COMMANDS[command](str(path))
+    print("input:", path)
+    print("command: onnxgrow", " ".join(args))
+    os.environ["ONNXGROW_DEBUG"] = "1"
+    app(args, standalone_mode=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", type=int, default=2000, help="random cases")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--fixed", action="store_true", help="also run every fixed case with every command")
+    p.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)))
+    p.add_argument("--repro", help="rerun the case with this name (see the failure list)")
+    p.add_argument("--command", default="inspect", help="with --repro: the command to run")
+    args = p.parse_args()
+    if args.repro:
+        return repro(args.repro, args.command, args.seed, args.cases)
+
+    jobs = all_cases(args.cases, args.seed, args.fixed)
+    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    failures = []
+    seconds = collections.Counter()
+    start = time.perf_counter()
+
+    def on_result(i, status, detail, took):
+        case, command = jobs[i]
+        kind = kind_of(case.name) if i < args.cases else "fixed: " + (
+            "external data" if case.name.startswith("ext-") else
+            "tiny GPT-2 edits" if case.name.startswith("gpt2-") else "files and small graphs")
+        counts[kind][status] += 1
+        counts[kind]["tried"] += 1
+        seconds[command] += took
+        if status == "failure":
+            failures.append((case.name, command, detail))
+        done = sum(c["tried"] for c in counts.values())
+        if done % 100 == 0:
+            print(f"  {done}/{len(jobs)} cases, {len(failures)} failures, {time.perf_counter() - start:.0f} s",
+                  file=sys.stderr, flush=True)
+
+    pool = Pool(args.workers, (args.cases, args.seed, args.fixed))
+    try:
+        pool.run(range(len(jobs)), on_result)
+    finally:
+        pool.close()
+    wall = time.perf_counter() - start
+
+    print(f"\nonnxgrow fuzz: {len(jobs)} cases (seed {args.seed}, {args.workers} workers), {wall:.0f} s\n")
+    print("| input | tried | accepted | rejected cleanly | failures |")
+    print("|---|---:|---:|---:|---:|")
+    total = collections.Counter()
+    for kind in sorted(counts):
+        c = counts[kind]
+        total.update(c)
+        print(f"| {kind} | {c['tried']} | {c['accepted']} | {c['rejected']} | {c['failure']} |")
+    print(f"| **all** | **{total['tried']}** | **{total['accepted']}** | **{total['rejected']}** | "
+          f"**{total['failure']}** |")
+    print("\nseconds per command: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(seconds.items())))
+    if failures:
+        print(f"\n{len(failures)} failures:")
+        for name, command, detail in failures:
+            print(f"- {name} / {command}: {detail}")
+            print(f"    python bench/fuzz.py --seed {args.seed} --cases {args.cases} --repro '{name}' "
+                  f"--command {command}")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
