@@ -10,7 +10,6 @@ logits (for models whose output is logits).
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 from pathlib import Path

@@ -211,12 +211,10 @@ def subclone(model: Path = typer.Argument(..., help="source ONNX model (the larg
              output: Optional[Path] = typer.Option(None, "--output", "-o"),
              force: bool = typer.Option(False, help="replace an existing output")):
     """Make a smaller model whose weights are chosen from MODEL's (Weight subcloning)."""
-    import tempfile
-
     import numpy as np
 
     from . import calibrate
-    from .subclone import fidelity, randomized, subclone_ir
+    from .subclone import subclone_ir
     source = modelio.load(model)
     before = api.load_structure(source)
     if calib is None:
@@ -236,6 +234,18 @@ def subclone(model: Path = typer.Argument(..., help="source ONNX model (the larg
                          provider=provider)
     output = output or api.default_output(model, f"subclone-h{result.sizes['hidden']}-l{len(before.blocks) - len(result.removed_blocks)}")
     modelio.save(result.model, output, input_paths=(model,), force=force)
+    try:
+        subclone_report(model, output, before, result, held_out, provider)
+    except BaseException:
+        output.unlink(missing_ok=True)  # a model we could not describe is not handed out
+        raise
+    out.print(f"wrote {output}")
+
+
+def subclone_report(model, output, before, result, held_out, provider):
+    import tempfile
+
+    from .subclone import fidelity, randomized
     after = api.inspect(output)
     out.print(config_table(f"{model} -> {output} (subclone)", before.config(), after,
                            headers=("source", "target")))
@@ -254,7 +264,6 @@ def subclone(model: Path = typer.Argument(..., help="source ONNX model (the larg
         for key, value in row.items():
             table.add_row(name, key, f"{value:.4f}")
     out.print(table)
-    out.print(f"wrote {output}")
 
 
 @app.command()

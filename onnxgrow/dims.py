@@ -118,6 +118,8 @@ def unify(a: Dim, b: Dim) -> None:
     if a.kind is None or b.kind is None:
         # the unrefined one adopts the other's refinement
         keep, drop = (b, a) if a.kind is None else (a, b)
+        if keep.kind is not None and any(p.root() is drop for p in atoms(keep)):
+            raise DimConflict(f"{drop} would be a part of itself")
         if keep.kind is None and keep._size is None:
             keep._size = drop._size
         keep.role = keep.role or drop.role

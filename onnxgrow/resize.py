@@ -87,6 +87,8 @@ class Resizer:
                 offset += p.size
             return np.concatenate(pieces)
         plan = self.plans.get(id(r))
+        if plan is None and r.size is None:
+            raise UnsupportedGraph(f"an axis of a resized weight has no static size ({r}); cannot rewrite it")
         return plan.source if plan else np.arange(r.size)
 
     # --- the rewrite -------------------------------------------------------------------------------

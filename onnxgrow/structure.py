@@ -19,7 +19,7 @@ import onnx_ir as ir
 from .dims import Dim, atoms, factors, same, unify
 from .errors import UnsupportedGraph
 from .normalize import normalize
-from .shapeflow import ShapeFlow, VIEW_THROUGH, analyse
+from .shapeflow import ShapeFlow, analyse
 
 PASS_THROUGH = {"Cast", "Dropout", "Identity"}
 RESHAPES = {"Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand"}

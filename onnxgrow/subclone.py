@@ -106,7 +106,6 @@ def subclone_ir(model: ir.Model, ids: np.ndarray, *, hidden=None, heads=None, kv
     # 3. keep them everywhere, rescaling sums over fewer inputs
     resizer = Resizer(spec, plans)
     tied = resizer.tied_tables()
-    hook = None
     if rescale == "sqrt":
         def hook(name, old, new, dims):
             if name in tied:
@@ -118,7 +117,9 @@ def subclone_ir(model: ir.Model, ids: np.ndarray, *, hidden=None, heads=None, kv
 
         def hook(name, old, new, dims):
             return (new * gains[name]).astype(new.dtype) if name in gains else new
-    elif rescale not in ("norm", "sqrt", "none"):
+    elif rescale in ("norm", "none"):
+        hook = None
+    else:
         raise OnnxgrowError(f"--rescale must be norm, sqrt or none, got {rescale!r}")
     resizer.apply(method.rule(), weight_hook=hook)
     if rescale == "sqrt" and tied and spec.final_norm is not None:

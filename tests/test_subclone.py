@@ -11,7 +11,6 @@ from typer.testing import CliRunner
 import onnxgrow
 from onnxgrow import modelio
 from onnxgrow.cli import app
-from onnxgrow.errors import OnnxgrowError
 from onnxgrow.subclone import subclone_ir
 from onnxgrow.validate import validate
 from conftest import DEFAULT_MODEL, ROOT, SMALL_NAMES
