@@ -137,15 +137,6 @@ def widen(model: Path = typer.Argument(..., help="source ONNX model"),
     finish(report, output)
 
 
-def parse_positions(at: str | None) -> list[int] | None:
-    if at is None:
-        return None
-    try:
-        return [int(p) for p in at.split(",") if p.strip()]
-    except ValueError:
-        raise OnnxgrowError(f"--at takes comma-separated block indices, got {at!r}") from None
-
-
 @app.command()
 @one_line_errors
 def deepen(model: Path = typer.Argument(..., help="source ONNX model"),
@@ -162,7 +153,7 @@ def deepen(model: Path = typer.Argument(..., help="source ONNX model"),
     source = modelio.load(model)
     spec = api.load_structure(source)
     before = spec.config()
-    positions = parse_positions(at)
+    positions = parse_list(at, "--at")
     deep = api.deepen_ir(source, layers, factor=factor, method=method, at=positions, noise=noise, seed=seed,
                          spec=spec)
     after = api.load_structure(deep).config()

@@ -140,10 +140,11 @@ def unify(a: Dim, b: Dim) -> None:
         a.parent = b
 
 
-def take(seq: list[Dim], pos: int, size: int) -> tuple[list[Dim], int]:
+def take(seq: list[Dim], pos: int, size: int, reverse: bool = False) -> tuple[list[Dim], int]:
     """Consume factors of `seq` from `pos` whose product is `size`, splitting a factor if needed.
 
     Returns the consumed factors and the new position. `seq` is updated in place when a factor is split.
+    With `reverse`, `seq` lists the factors right to left, so a split keeps the needed part on the right.
     """
     taken, prod = [], 1
     while prod < size:
@@ -158,8 +159,12 @@ def take(seq: list[Dim], pos: int, size: int) -> tuple[list[Dim], int]:
             prod *= f.size
             pos += 1
         elif f.size % need == 0 and f.kind is None:
-            head, tail = refine(f, "prod", [need, f.size // need])
-            seq[pos:pos + 1] = [head, tail]
+            if reverse:
+                head, tail = refine(f, "prod", [f.size // need, need])
+                seq[pos:pos + 1] = [tail, head]
+            else:
+                head, tail = refine(f, "prod", [need, f.size // need])
+                seq[pos:pos + 1] = [head, tail]
         else:
             raise DimConflict(f"{size} does not align with {f}")
     return taken, pos

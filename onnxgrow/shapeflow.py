@@ -559,7 +559,7 @@ class ShapeFlow:
                     unify(seq[pos], w)
                     pos += 1
                 elif w.size is not None:
-                    taken, pos = take_dir(seq, pos, w.size, reverse)
+                    taken, pos = take(seq, pos, w.size, reverse)
                     unify(w, product_of(taken))
                 else:
                     raise DimConflict(f"cannot place {w}")
@@ -568,7 +568,7 @@ class ShapeFlow:
             raise DimConflict("reshape element unknown")
         if e.value == 1 and (pos >= len(seq) or seq[pos].size != 1):
             return Dim(1), pos
-        taken, pos = take_dir(seq, pos, e.value, reverse)
+        taken, pos = take(seq, pos, e.value, reverse)
         d = product_of(list(reversed(taken)) if reverse else taken)
         self.mean(e, Meaning("size", [d]), node)
         return d, pos
@@ -673,31 +673,6 @@ class ShapeFlow:
 
     def op_Einsum(self, node, ins):
         self.fail(node, "Einsum is not analysed")
-
-
-def take_dir(seq, pos, size, reverse):
-    """`take` from the left, or from the right when `reverse` (seq is then reversed)."""
-    if not reverse:
-        return take(seq, pos, size)
-    # on a reversed sequence, splitting a factor must keep the needed part at the end of the original
-    taken, prod = [], 1
-    while prod < size:
-        if pos >= len(seq):
-            raise DimConflict(f"no factors left for {size}")
-        f = seq[pos].root()
-        if f.size is None:
-            raise DimConflict(f"literal {size} meets dynamic {f}")
-        need = size // prod
-        if f.size <= need and need % f.size == 0:
-            taken.append(f)
-            prod *= f.size
-            pos += 1
-        elif f.size % need == 0 and f.kind is None:
-            head, tail = refine(f, "prod", [f.size // need, need])
-            seq[pos:pos + 1] = [tail, head]
-        else:
-            raise DimConflict(f"{size} does not align with {f}")
-    return taken, pos
 
 
 def analyse(model: ir.Model) -> ShapeFlow:
