@@ -1,0 +1,185 @@
+"""Rewrite time and peak memory at scale, against the I/O floor; and every command on a model above 2 GB.
+
+    python bench/scale.py [--workdir /tmp/onnxgrow-bench] [--models small,big]
+
+Models (random weights, GPT-2 architecture, TorchScript opset 17, exported once and kept in WORKDIR):
+- small: GPT-2-small, 12 layers x 768, 124M parameters, one 0.5 GB file.
+- big: 24 layers x 1280 (20 heads), 537M parameters, 2.2 GB: ONNX external data.
+
+For each model: widen x2 (HyperCloning), deepen x2 (stack), subclone to half width and half depth
+(ranked on random token ids, --allow-random-calib). Each runs as `python -m onnxgrow ... --no-verify`
+in its own process under /usr/bin/time -v ("peak" = that process's maximum resident set size). The
+floor of each is `onnx.load` + `onnx.save` of its output (external data above 2 GB, as onnxgrow
+writes it). The memory bound we aim at is input + output + the largest single tensor.
+On the big model, also: inspect, validate (widened vs source), train (2 steps), export-weights and\nimport-weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+GB = 2**30
+MODELS = {"small": dict(layers=12, hidden=768, heads=12), "big": dict(layers=24, hidden=1280, heads=20)}
+
+
+def export(path: Path, layers: int, hidden: int, heads: int, vocab: int = 50257) -> None:
+    code = f"""
+import importlib.util, torch, transformers as T, warnings
+warnings.filterwarnings("ignore")
+spec = importlib.util.spec_from_file_location("zoo_build", r"{ROOT / 'models' / 'build.py'}")
+build = importlib.util.module_from_spec(spec); spec.loader.exec_module(build)
+torch.manual_seed(0)
+c = T.GPT2Config(n_embd={hidden}, n_head={heads}, n_layer={layers}, vocab_size={vocab},
+                 n_positions=1024, attn_implementation="eager")
+m = T.GPT2LMHeadModel(c).eval()
+class W(torch.nn.Module):
+    def __init__(s, m): super().__init__(); s.m = m
+    def forward(s, ids, mask): return s.m(input_ids=ids, attention_mask=mask, use_cache=False, return_dict=False)[0]
+ids = torch.randint(0, {vocab}, (1, 8))
+mask = torch.ones_like(ids)
+with build.traceable_masks():  # transformers' vmap masks do not trace
+    torch.onnx.export(W(m), (ids, mask), r"{path}", input_names=["input_ids", "attention_mask"],
+                      output_names=["logits"], opset_version=17, dynamo=False,
+                      dynamic_axes={{"input_ids": {{0: "b", 1: "s"}}, "attention_mask": {{0: "b", 1: "s"}}}})
+"""
+    subprocess.run([PY, "-c", code], check=True)
+    # torch writes one file per tensor above 2 GB; gather them into one external-data file
+    if sum(1 for _ in path.parent.glob("*")) > 2 or path.stat().st_size < 2**20:
+        tidy = f"""
+import onnx, os, glob
+m = onnx.load(r"{path}")
+onnx.save(m, r"{path}.tmp", save_as_external_data=True, location="{path.name}.data")
+os.replace(r"{path}.tmp", r"{path}")
+"""
+        subprocess.run([PY, "-c", tidy], check=True)
+
+
+def measured(cmd: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (GB) of a command."""
+    t = time.time()
+    result = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+    seconds = time.time() - t
+    if result.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{result.stderr[-2000:]}")
+    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
+    return seconds, peak_kb / 2**20
+
+
+def size_of(path: Path) -> float:
+    """GB on disk, the model file and its external data."""
+    data = Path(str(path) + ".data")
+    return (path.stat().st_size + (data.stat().st_size if data.exists() else 0)) / GB
+
+
+def largest_tensor(path: Path) -> float:
+    import onnx
+    m = onnx.load(str(path), load_external_data=False)
+    biggest = 0
+    for t in m.graph.initializer:
+        n = 4
+        for d in t.dims:
+            n *= d
+        biggest = max(biggest, n)
+    return biggest / GB
+
+
+def remove(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    Path(str(path) + ".data").unlink(missing_ok=True)
+
+
+def floor(out: Path, workdir: Path) -> tuple[float, float]:
+    copy = workdir / "floor.onnx"
+    remove(copy)
+    external = size_of(out) > 1.9  # as onnxgrow decides: one file below 2 GB, external data above
+    code = (f"import onnx; m = onnx.load(r'{out}'); "
+            f"onnx.save(m, r'{copy}', save_as_external_data={external}, location='floor.onnx.data')")
+    result = measured([PY, "-c", code])
+    remove(copy)
+    return result
+
+
+def bench_model(name: str, workdir: Path) -> list[dict]:
+    sizes = MODELS[name]
+    src = workdir / f"gpt2-{sizes['layers']}x{sizes['hidden']}.onnx"
+    if not src.exists():
+        print(f"exporting {src.name}", flush=True)
+        export(src, **sizes)
+    cli = [PY, "-m", "onnxgrow"]
+    layers, hidden = sizes["layers"], sizes["hidden"]
+    ops = {
+        "widen x2": ["widen", str(src), "--factor", "2"],
+        "deepen x2": ["deepen", str(src), "--layers", str(2 * layers), "--method", "stack"],
+        "subclone 1/2": ["subclone", str(src), "--hidden", str(hidden // 2), "--layers", str(layers // 2),
+                         "--allow-random-calib", "--samples", "8", "--seq", "32"],
+    }
+    rows = []
+    source_gb, biggest = size_of(src), largest_tensor(src)
+    for op, args in ops.items():
+        out = workdir / f"{name}-{op.split()[0]}.onnx"
+        remove(out)
+        seconds, peak = measured(cli + args + ["-o", str(out)] + (["--no-verify"] if op != "subclone 1/2" else []))
+        f_seconds, f_peak = floor(out, workdir)
+        out_gb = size_of(out)
+        rows.append({"model": name, "step": op, "seconds": seconds, "peak_gb": peak, "floor_seconds": f_seconds,
+                     "floor_peak_gb": f_peak, "ratio": seconds / f_seconds, "input_gb": source_gb,
+                     "output_gb": out_gb, "bound_gb": source_gb + out_gb + max(biggest, largest_tensor(out))})
+        print(json.dumps(rows[-1]), flush=True)
+        if not (name == "big" and op == "widen x2"):
+            remove(out)
+    if name == "big":
+        wide = workdir / "big-widen.onnx"
+        trained = workdir / "big-trained.onnx"
+        weights = workdir / "big-weights.safetensors"
+        imported = workdir / "big-imported.onnx"
+        text = workdir / "text.txt"
+        text.write_text(" ".join(str(i) for i in range(20000)))
+        extra = {
+            "inspect": cli + ["inspect", str(src)],
+            "validate widened vs source": cli + ["validate", str(src), str(wide)],
+            "train 2 steps (batch 1 x 32 bytes)": cli + ["train", str(src), "--data", str(text), "--bytes", "--steps", "2",
+                                                        "--batch", "1", "--seq", "32", "-o", str(trained)],
+            "export-weights": cli + ["export-weights", str(src), "-o", str(weights)],
+            "import-weights": cli + ["import-weights", str(src), str(weights), "-o", str(imported)],
+        }
+        for op, cmd in extra.items():
+            seconds, peak = measured(cmd)
+            rows.append({"model": name, "step": op, "seconds": seconds, "peak_gb": peak, "input_gb": source_gb})
+            print(json.dumps(rows[-1]), flush=True)
+        for p in (wide, trained, imported):
+            remove(p)
+        for p in (weights, workdir / "big-trained.ckpt", workdir / "big-trained.loss.png"):
+            p.unlink(missing_ok=True)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/onnxgrow-bench"))
+    parser.add_argument("--models", default="small,big")
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.models.split(","):
+        rows += bench_model(name, args.workdir)
+    (args.workdir / "scale.json").write_text(json.dumps(rows, indent=1))
+    print("| model | step | wall s | peak RSS GB | floor s | floor peak GB | time / floor | in + out + largest GB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "floor_seconds" in r:
+            print(f"| {r['model']} | {r['step']} | {r['seconds']:.1f} | {r['peak_gb']:.2f} | {r['floor_seconds']:.1f} | "
+                  f"{r['floor_peak_gb']:.2f} | {r['ratio']:.2f} | {r['bound_gb']:.2f} |")
+        else:
+            print(f"| {r['model']} | {r['step']} | {r['seconds']:.1f} | {r['peak_gb']:.2f} | | | | |")
+
+
+if __name__ == "__main__":
+    main()

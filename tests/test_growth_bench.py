@@ -1,0 +1,32 @@
+"""The growth benchmark's smoke setting: it runs end to end and writes its table, curves and JSON.
+(Whether growth saves compute is the benchmark's question, not a test's: see docs/BENCHMARKS.md.)"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_growth_smoke_writes_its_table(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "growth.py"), "--setting", "smoke",
+                             "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "growth.json").read_text())
+    arms = [k for k in report["results"] if not k.endswith("/random")]
+    assert sorted(arms) == sorted(["width/hypercloning x2", "width/fpi x2", "width/pad x2", "depth/identity x2",
+                                   "depth/stack x2", "depth/interleave x2", "both/hypercloning x2 + stack x2",
+                                   "subclone/subclone 1/2 width, 1/2 depth"])
+    table = (tmp_path / "growth.md").read_text()
+    for arm in arms:
+        assert f"| {arm} |" in table
+        row = report["results"][arm]
+        assert math.isfinite(row["loss_at_0"]) and math.isfinite(row["final_loss"])
+    # exact methods start where the trained source ended
+    source_loss = report["source"]["val_loss_end"]
+    for arm in ("width/hypercloning x2", "depth/identity x2"):
+        assert abs(report["results"][arm]["loss_at_0"] - source_loss) < 1e-3
+    assert (tmp_path / "growth.png").stat().st_size > 10_000
