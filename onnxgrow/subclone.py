@@ -1,8 +1,10 @@
 """subclone: a smaller model initialised from a larger one (the steps are in passes/subclone.py).
 
 Calibration data flows through the source in ONNX Runtime; the activations rank hidden dimensions,
-FFN neurons and heads; the shared resize engine keeps the chosen indices (weights, shape constants and
-I/O together); then whole blocks are removed from the residual stream.
+FFN neurons and heads; indices that are copies of each other (as HyperCloning makes them) are ranked
+and kept as one unit, carrying their copies' share (un-cloning); the shared resize engine keeps the
+chosen indices (weights, shape constants and I/O together); then whole blocks are removed from the
+residual stream.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from passes import subclone as method
 
 from .blocks import block_graphs, record_io_names, remove_blocks
 from .calibrate import mean_abs
+from .dims import atoms
 from .errors import OnnxgrowError
 from .resize import Resizer, set_tensor
 from .structure import TransformerSpec, distinct, find_norms, load_structure, parameter_names, weight_of
@@ -88,42 +91,80 @@ def subclone_ir(model: ir.Model, ids: np.ndarray, *, hidden=None, heads=None, kv
     stats = mean_abs(model, probes, ids, provider=provider, updates=updates_of)
     updates = [float(stats[f"{a}->{b}"]) for a, b in updates_of]
 
-    # 2. the kept indices of every resized Dim
-    plans = {}
+    # 2. the kept indices of every resized Dim, one copy of each group of copies first (un-cloning)
+    if rescale not in ("norm", "sqrt", "none"):
+        raise OnnxgrowError(f"--rescale must be norm, sqrt or none, got {rescale!r}")
+    tied_head = spec.tied_embeddings and spec.lm_head is not None
+    # a tied table cannot carry the copies' factor m on its summed-over axis; the final norm does
+    can_merge_hidden = not tied_head or (spec.final_norm is not None and spec.final_norm.scale is not None)
+    groups = {}
+
+    def choose(d, scores):
+        if sizes[d] == d.size:
+            return None
+        groups[d] = copies(spec, d) if d is not spec.hidden or can_merge_hidden else np.arange(d.size)
+        return method.keep_top_groups(method.group_mean(scores, groups[d]), sizes[d], groups[d])
+
+    chosen = {}
     hidden_scores = sum(stats[f"stream{i}"] for i in range(1, num + 1))
-    plans[spec.hidden] = method.keep_top(hidden_scores, sizes[spec.hidden])
+    chosen[spec.hidden] = choose(spec.hidden, hidden_scores)
     for d in distinct(spec.ffn):
         scores = sum(stats[f"ffn{i}"] for i, b in enumerate(spec.blocks)
                      if b.ffn is not None and spec.ffn[i].root() is d)
-        plans[d] = method.keep_top(scores, sizes[d])
+        chosen[d] = choose(d, scores)
     for attr_name in ("kv_heads", "group"):
         for d in distinct(getattr(b.attention, attr_name) for b in spec.blocks):
             scores = sum(method.head_scores(stats[f"attn{i}"], contracted_dim(spec, b.attention.o_proj), d)
                          for i, b in enumerate(spec.blocks) if getattr(b.attention, attr_name).root() is d)
-            plans[d] = method.keep_top(scores, sizes[d])
-    plans = {d: p for d, p in plans.items() if p.new_size != d.size}
+            chosen[d] = choose(d, scores)
+    chosen = {d: c for d, c in chosen.items() if c is not None}
+    plans = {d: plan for d, (plan, _) in chosen.items()}
+    # m / r per kept index of each Dim that merged copies; distinct units before and after, per Dim
+    merge = {id(d.root()): f for d, (_, f) in chosen.items() if (f != 1).any()}
+    units = {id(d.root()): (len(np.unique(groups[d])), len(np.unique(groups[d][plans[d].source]))) for d in plans}
 
-    # 3. keep them everywhere, rescaling sums over fewer inputs
+    # 3. keep them everywhere: merged copies' factors on summed-over axes, then the rescale
     resizer = Resizer(spec, plans)
     tied = resizer.tied_tables()
+    final = {spec.final_norm.scale, spec.final_norm.bias} - {None} if tied and spec.final_norm else set()
+
+    def uncloned(name, new, dims):
+        for axis in set() if name in tied else spec.flow.contracted.get(name, set()):
+            f = method.axis_factors(dims[axis], merge)
+            if (f != 1).any():
+                new = new * f.reshape([-1 if a == axis else 1 for a in range(new.ndim)]).astype(new.dtype)
+        if name in final:  # the tied head's factor, on its input (as HyperCloning puts its 1/n there)
+            f = method.axis_factors(spec.hidden, merge)
+            if (f != 1).any():
+                new = new * f.astype(new.dtype)
+        return new
+
     if rescale == "sqrt":
-        def hook(name, old, new, dims):
+        def rescaled(name, old, new, dims):
             if name in tied:
                 return new
-            return method.rescale(spec.flow.contracted.get(name, set()), old, new)
+            contracted = spec.flow.contracted.get(name, set())
+            counts = {a: (method.distinct_count(dims[a], {k: u[0] for k, u in units.items()}),
+                          method.distinct_count(dims[a], {k: u[1] for k, u in units.items()})) for a in contracted}
+            return method.rescale(contracted, old, new, counts)
     elif rescale == "norm" and spec.hidden in plans:
-        gains = {n.scale: method.norm_gain(stats[f"norm{k}^2"], plans[spec.hidden].source)
+        kept, hidden_groups = plans[spec.hidden].source, groups[spec.hidden]
+        gains = {n.scale: method.norm_gain(method.group_mean(stats[f"norm{k}^2"], hidden_groups), kept)
                  for k, n in enumerate(norms) if n.scale is not None}
 
-        def hook(name, old, new, dims):
+        def rescaled(name, old, new, dims):
             return (new * gains[name]).astype(new.dtype) if name in gains else new
-    elif rescale in ("norm", "none"):
-        hook = None
     else:
-        raise OnnxgrowError(f"--rescale must be norm, sqrt or none, got {rescale!r}")
-    resizer.apply(method.rule(), weight_hook=hook)
-    if rescale == "sqrt" and tied and spec.final_norm is not None:
-        factor = np.sqrt(spec.hidden.size / sizes[spec.hidden])  # the tied head's share, on its input
+        rescaled = None
+
+    def hook(name, old, new, dims):
+        new = uncloned(name, new, dims) if merge else new
+        return rescaled(name, old, new, dims) if rescaled else new
+
+    resizer.apply(method.rule(), weight_hook=hook if merge or rescaled else None)
+    if rescale == "sqrt" and tied and spec.final_norm is not None and spec.hidden in plans:
+        before, after = units[id(spec.hidden.root())]
+        factor = np.sqrt(before / after)  # the tied head's share, on its input
         for pname in (spec.final_norm.scale, spec.final_norm.bias):
             if pname:
                 v = model.graph.initializers[pname]
@@ -148,6 +189,72 @@ def subclone_ir(model: ir.Model, ids: np.ndarray, *, hidden=None, heads=None, kv
     return SubcloneResult(model, plans[spec.hidden].source.tolist() if spec.hidden in plans
                           else list(range(spec.hidden.size)), removed, updates,
                           {d.role: n for d, n in sizes.items()})
+
+
+def copies(spec: TransformerSpec, d) -> np.ndarray:
+    """Groups of copies among the indices of Dim `d`: per index, the first index whose slices are
+    identical (bit for bit) to its own in every weight with an axis measuring `d`, i.e. units whose
+    activations are equal, as HyperCloning makes them. Every index is its own group when `d` has
+    no copies, or when a weight measures `d` twice (not handled)."""
+    atom = d.root()
+    alone = np.arange(atom.size)
+    labels = np.zeros(atom.size, dtype=np.int64)
+    for value in spec.model.graph.initializers.values():
+        axes = [a for a, dim in enumerate(spec.flow.dims.get(value) or ())
+                if any(x is atom for x in atoms(dim))]
+        if not axes:
+            continue
+        order = atom_positions(spec.flow.dims[value][axes[0]], atom) if len(axes) == 1 else None
+        arr = value.const_value.numpy()
+        if order is None or arr.dtype.kind in "OSU":
+            return alone
+        axis = axes[0]
+        rows = np.take(arr, order.reshape(-1), axis=axis)  # [..., size x positions, ...]
+        rows = np.moveaxis(rows.reshape(arr.shape[:axis] + order.shape + arr.shape[axis + 1:]), axis, 0)
+        rows = np.ascontiguousarray(rows.reshape(atom.size, -1))
+        if rows.shape[1] == 0:
+            continue
+        keys = rows.view(np.dtype((np.void, rows.shape[1] * rows.dtype.itemsize))).reshape(-1)
+        same = np.unique(keys, return_inverse=True)[1].reshape(-1)
+        labels = np.unique(labels * atom.size + same, return_inverse=True)[1].reshape(-1)
+    first = np.unique(labels, return_index=True)[1]
+    return first[labels]
+
+
+def atom_positions(d, atom) -> np.ndarray | None:
+    """The flat positions along an axis measuring `d` where the atom Dim appears, as an array
+    [atom size, positions per index], each row in the same order of the other coordinates
+    (a fused q|k|v axis holds a kv head in several segments). None if it appears twice in a product."""
+    def walk(dim):  # per flat position: (atom index or -1, the other coordinates), and their count
+        r = dim.root()
+        if r.size is None:
+            raise ValueError
+        if r.kind == "prod":
+            index, rest, count = np.full(1, -1), np.zeros(1, dtype=np.int64), 1
+            for p in r.parts:
+                i, o, n = walk(p)
+                if (index >= 0).any() and (i >= 0).any():
+                    raise ValueError
+                index = np.maximum(index[:, None], i[None, :]).reshape(-1)
+                rest = (rest[:, None] * n + o[None, :]).reshape(-1)
+                count *= n
+            return index, rest, count
+        if r.kind == "cat":
+            parts = [walk(p) for p in r.parts]
+            offsets = np.cumsum([0] + [n for _, _, n in parts])
+            return (np.concatenate([i for i, _, _ in parts]),
+                    np.concatenate([o + off for (_, o, _), off in zip(parts, offsets)]), int(offsets[-1]))
+        if r is atom:
+            return np.arange(r.size), np.zeros(r.size, dtype=np.int64), 1
+        return np.full(r.size, -1), np.arange(r.size), r.size
+
+    try:
+        index, rest, _ = walk(d)
+    except ValueError:
+        return None
+    where = np.nonzero(index >= 0)[0]
+    where = where[np.lexsort((rest[where], index[where]))]
+    return where.reshape(atom.size, -1)
 
 
 def contracted_dim(spec, proj):

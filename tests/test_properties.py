@@ -1,8 +1,10 @@
 """Properties over random small transformer configurations, built and exported in the test.
 
 For every drawn configuration (family, hidden size, heads, kv heads, FFN, layers, tied or not):
-HyperCloning and identity blocks preserve the outputs, and removing the added identity blocks gives
-back the source's weights and outputs.
+HyperCloning and identity blocks preserve the outputs, removing the added identity blocks gives
+back the source's weights and outputs, and subcloning a HyperCloned model back to the source's sizes
+(un-cloning: one copy of each group, its summed-over slices times the copy count) gives back the
+source's weights and outputs.
 """
 
 from __future__ import annotations
@@ -121,3 +123,31 @@ def test_identity_blocks_then_removing_them_gives_back_the_source(c, extra):
     back_path = modelio.save(back.model, tmp_path / "back.onnx")
     assert parameters(src) == parameters(back_path)
     assert save_and_validate(onnx.load(back_path), src, tmp_path / "back2.onnx", tolerance=1e-6).passed
+
+
+def named_parameters(path) -> dict[str, np.ndarray]:
+    """The model's parameters (as the structure sees them) by initializer name."""
+    spec = onnxgrow.structure(path)
+    init = spec.model.graph.initializers
+    return {name: init[name].const_value.numpy() for name in parameter_names(spec)}
+
+
+@PROPERTY
+@given(c=configs(), factor=st.sampled_from([2, 3]), rescale=st.sampled_from(["norm", "sqrt", "none"]))
+def test_widen_then_subclone_back_gives_back_the_source(c, factor, rescale):
+    tmp_path = Path(tempfile.mkdtemp())
+    src = tmp_path / "src.onnx"
+    export(c, src)
+    wide_path = tmp_path / "wide.onnx"
+    onnx.save(onnxgrow.widen(src, factor), wide_path)
+    ids = np.random.default_rng(c["seed"]).integers(0, 97, (4, 8))
+    back = subclone_ir(modelio.load(wide_path), ids, hidden=c["hidden"], heads=c["heads"], kv_heads=c["kv"],
+                       ffn=c["ffn"], rescale=rescale)
+    back_path = modelio.save(back.model, tmp_path / "back.onnx")
+    source, got = named_parameters(src), named_parameters(back_path)
+    assert source.keys() == got.keys()  # every matrix, bias, norm and embedding, by name
+    for name, x in source.items():
+        # x2 is bit for bit (W/2*2); x3 rounds W/3*3 once: within an ulp or two of fp32
+        np.testing.assert_allclose(got[name], x, rtol=1e-6, atol=0, err_msg=f"{name} {c} x{factor} {rescale}")
+    report = save_and_validate(onnx.load(back_path), src, tmp_path / "back2.onnx", tolerance=1e-5)
+    assert report.passed, (c, factor, rescale, report.to_dict())

@@ -5,15 +5,18 @@ from __future__ import annotations
 import sys
 
 import numpy as np
+import onnx
 import pytest
 from typer.testing import CliRunner
 
 import onnxgrow
 from onnxgrow import modelio
 from onnxgrow.cli import app
-from onnxgrow.subclone import subclone_ir
+from onnxgrow.structure import distinct, load_structure, parameter_names
+from onnxgrow.subclone import copies, subclone_ir
 from onnxgrow.validate import validate
 from conftest import DEFAULT_MODEL, ROOT, SMALL_NAMES
+from passes import subclone as method
 
 runner = CliRunner()
 IDS = np.random.default_rng(0).integers(0, 500, (16, 24))
@@ -41,6 +44,70 @@ def test_same_size_reproduces_the_source(zoo, tmp_path, name):
     result = subclone_ir(modelio.load(entry["file"]), IDS[:4])
     report = validate(entry["file"], modelio.save(result.model, tmp_path / "same.onnx"))
     assert report.passed
+
+
+def test_keep_top_groups_keeps_one_copy_of_each_group_first():
+    scores = np.array([5.0, 1.0, 5.0, 3.0, 1.0, 3.0])
+    # no copies: the plain top-k (ties to the lower index), factors 1
+    plan, factor = method.keep_top_groups(scores, 3, np.arange(6))
+    assert plan.source.tolist() == method.keep_top(scores, 3).source.tolist() == [0, 2, 3]
+    assert factor.tolist() == [1, 1, 1]
+    # 0, 2 are copies (as 1, 4 and 3, 5): the best three units, not two copies of the best one
+    groups = np.array([0, 1, 0, 3, 1, 3])
+    plan, factor = method.keep_top_groups(scores, 2, groups)
+    assert plan.source.tolist() == [0, 3] and factor.tolist() == [2, 2]
+    plan, factor = method.keep_top_groups(scores, 3, groups)
+    assert plan.source.tolist() == [0, 1, 3] and factor.tolist() == [2, 2, 2]
+    # more slots than groups: second copies of the best groups, the group's factor split between them
+    plan, factor = method.keep_top_groups(scores, 4, groups)
+    assert plan.source.tolist() == [0, 1, 2, 3] and factor.tolist() == [1, 2, 1, 2]
+
+
+@pytest.mark.parametrize("name", ["gpt2-ts17", "llama-gqa-ts17", "bert-ts17"])
+def test_a_model_without_copies_has_none(zoo, name):
+    spec = load_structure(modelio.load(zoo[name]["file"]))
+    for d in [spec.hidden] + distinct(spec.ffn) + distinct(
+            x for b in spec.blocks for x in (b.attention.kv_heads, b.attention.group)):
+        if d.size > 1:
+            assert copies(spec, d).tolist() == list(range(d.size)), d
+
+
+def parameters(model) -> dict[str, np.ndarray]:
+    spec = onnxgrow.structure(model)
+    return {n: spec.model.graph.initializers[n].const_value.numpy() for n in parameter_names(spec)}
+
+
+# fused QKV with a KV cache; grouped-query attention with a KV cache; post-norm encoder
+@pytest.mark.parametrize("name", ["gpt2-optimum-kv", "llama-gqa-optimum-kv", "bert-ts17"])
+def test_widen_then_subclone_back_gives_back_the_source(zoo, tmp_path, name):
+    src = zoo[name]["file"]
+    c = zoo[name]["config"]
+    wide = tmp_path / "wide.onnx"
+    onnx.save(onnxgrow.widen(src, 2), wide)
+    result = subclone_ir(modelio.load(wide), IDS[:4], hidden=c["hidden_size"], heads=c["num_heads"],
+                         kv_heads=c["num_kv_heads"], ffn=c["ffn_size"])
+    back = modelio.save(result.model, tmp_path / "back.onnx")
+    source, got = parameters(src), parameters(back)
+    assert source.keys() == got.keys()
+    assert all(np.array_equal(got[n], x) for n, x in source.items())  # x2: W/2*2 is exact
+    report = validate(src, back, tolerance=1e-6)
+    assert report.passed and max(o.max_abs_diff for o in report.outputs) == 0.0
+
+
+@pytest.mark.parametrize("name", ["gpt2-ts17", "llama-gqa-ts17"])
+def test_subclone_of_a_clone_is_the_subclone_of_the_source(zoo, tmp_path, name):
+    """Un-cloning ranks groups of copies like the source's units and restores their weights, so
+    shrinking a HyperCloned model below the source's size picks what shrinking the source picks."""
+    src = zoo[name]["file"]
+    c = zoo[name]["config"]
+    wide = tmp_path / "wide.onnx"
+    onnx.save(onnxgrow.widen(src, 2), wide)
+    sizes = dict(hidden=c["hidden_size"] // 2, ffn=c["ffn_size"] // 2, rescale="none")
+    direct = parameters(subclone_ir(modelio.load(src), IDS[:4], **sizes).model)
+    via_clone = parameters(subclone_ir(modelio.load(wide), IDS[:4], **sizes).model)
+    assert direct.keys() == via_clone.keys()
+    for n, x in direct.items():
+        np.testing.assert_allclose(via_clone[n], x, rtol=1e-6, atol=0, err_msg=n)
 
 
 def test_kv_cache_block_removal_drops_its_cache(zoo, tmp_path):
