@@ -85,7 +85,7 @@ def mean_abs(model: ir.Model, probes: dict[str, ir.Value], ids: np.ndarray, batc
         v = by_name[value.name]
         if not v.is_graph_output():
             if v.type is None:
-                v.type = ir.TensorType(ir.DataType.FLOAT)
+                v.type = ir.TensorType(value_dtype(v))
             probe_model.graph.outputs.append(v)
         exposed.append((key, v.name))
     sums: dict[str, np.ndarray] = {}
@@ -114,6 +114,31 @@ def mean_abs(model: ir.Model, probes: dict[str, ir.Value], ids: np.ndarray, batc
     stats = {key: total / tokens for key, total in sums.items()}
     stats.update({f"{key}^2": total / tokens for key, total in squares.items()})
     return stats
+
+
+def value_dtype(value: ir.Value) -> ir.DataType:
+    """The element type of an activation whose type the graph does not declare: a Cast's target,
+    else the type of the data it is computed from (fp16 and bf16 graphs compute in their own type;
+    an exposed output must declare it or ONNX Runtime refuses the model)."""
+    seen = set()
+    while value is not None and id(value) not in seen:
+        seen.add(id(value))
+        if value.dtype is not None:
+            return value.dtype
+        node = value.producer()
+        if node is None:
+            break
+        if node.op_type == "Cast":
+            return ir.DataType(node.attributes["to"].value)
+        if node.op_type in ("Shape", "Size", "ArgMax", "ArgMin", "NonZero"):
+            return ir.DataType.INT64
+        if node.op_type == "Pow":  # the exponent may have another type
+            value = node.inputs[0]
+            continue
+        # elementwise ops, matmuls, norms and views keep the type of their (first) float input
+        typed = [v for v in node.inputs if v is not None and v.dtype is not None and v.dtype.is_floating_point()]
+        value = typed[0] if typed else next((v for v in node.inputs if v is not None), None)
+    return ir.DataType.FLOAT
 
 
 def run_outputs(path: os.PathLike, ids: np.ndarray, batch: int = 8, provider: str = "auto") -> list[dict]:

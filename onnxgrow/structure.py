@@ -121,6 +121,18 @@ def weight_of(flow: ShapeFlow, node: ir.Node):
     return None
 
 
+def table_of(gather: ir.Node) -> ir.Value | None:
+    """The initializer a Gather looks up in, directly or through a Cast of it (fp16 weights in an
+    fp32 graph), else None."""
+    v = gather.inputs[0]
+    while v is not None and not v.is_initializer():
+        node = v.producer()
+        if node is None or node.op_type not in ("Cast", "CastLike", "Identity"):
+            return None
+        v = node.inputs[0]
+    return v
+
+
 def producers_back(value: ir.Value, stop):
     """Walk back from `value` over producers; `stop(node)` ends a branch (and is collected)."""
     found, seen, todo = [], set(), deque([value])
@@ -188,22 +200,26 @@ def match(model: ir.Model, flow: ShapeFlow) -> TransformerSpec:
     is_proj = lambda n: weight_of(flow, n) is not None
     missing = []
 
-    # embeddings: Gathers of rank-2 float tables by integer ids
-    gathers = []
+    # embeddings: Gathers of rank-2 float tables by integer ids (a table stored in another dtype
+    # may be gathered from a Cast of it)
+    gathers, tables = [], {}
     for node in g:
-        if node.op_type == "Gather" and node.inputs[0].is_initializer() and attr_axis(node) == 0:
-            t = node.inputs[0].const_value
-            if len(t.shape) == 2 and t.dtype.is_floating_point():
+        if node.op_type == "Gather" and attr_axis(node) == 0:
+            table = table_of(node)
+            t = table.const_value if table is not None else None
+            if t is not None and len(t.shape) == 2 and t.dtype.is_floating_point():
                 gathers.append(node)
+                tables[id(node)] = table
     direct = [n for n in gathers if ids_source(n.inputs[1]).is_graph_input()]
     if not direct:
         raise UnsupportedGraph("no token embedding found (a Gather of a 2-D float table by input ids)")
-    token = max(direct, key=lambda n: n.inputs[0].const_value.shape[0])
-    tie_copies(g, flow, token.inputs[0])
-    hidden = flow.dims[token.inputs[0]][1].root()
-    vocab = flow.dims[token.inputs[0]][0].root()
-    others = [n for n in gathers if n is not token and same(flow.dims[n.inputs[0]][1], hidden)]
-    pos_gathers = positionals(others)
+    token = max(direct, key=lambda n: tables[id(n)].const_value.shape[0])
+    token_table = tables[id(token)]
+    tie_copies(g, flow, token_table)
+    hidden = flow.dims[token_table][1].root()
+    vocab = flow.dims[token_table][0].root()
+    others = [n for n in gathers if n is not token and same(flow.dims[tables[id(n)]][1], hidden)]
+    pos_gathers = positionals(others, tables)
 
     # attention: Softmax over scores = MatMul(Q, K^T) of two activations
     attentions = []
@@ -282,7 +298,7 @@ def match(model: ir.Model, flow: ShapeFlow) -> TransformerSpec:
     tied = False
     if lm_head is not None:
         lm_weight = weight_of(flow, lm_head)[0]
-        tied = lm_weight is token.inputs[0] or same_values(lm_weight, token.inputs[0])
+        tied = lm_weight is token_table or same_values(lm_weight, token_table)
 
     # norms of each block, and where they sit
     def norm_before(value):
@@ -312,8 +328,8 @@ def match(model: ir.Model, flow: ShapeFlow) -> TransformerSpec:
         model=model, flow=flow, hidden=hidden, heads=heads, kv_heads=kv_heads, group=group,
         head_dim=head_dim, vocab=vocab, ffn=[flow.dims[b.ffn.down.inputs[1 - weight_of(flow, b.ffn.down)[1]]][-1].root()
                                             for b in blocks if b.ffn],
-        token_embedding=token.inputs[0],
-        position_embedding=pos_gathers[0].inputs[0] if pos_gathers else None,
+        token_embedding=token_table,
+        position_embedding=tables[id(pos_gathers[0])] if pos_gathers else None,
         blocks=blocks, final_norm=final_norm, lm_head=lm_head, tied_embeddings=tied, norm=norm_kind,
         norm_position=norm_position, positional="learned" if pos_gathers else (
             "rotary" if has_rotation(blocks[0].attention) else "none"),
@@ -404,11 +420,11 @@ def same_values(a: ir.Value, b: ir.Value) -> bool:
     return (x.shape == y.shape and equal(x, y)) or (x.shape == y.T.shape and equal(x.T, y))
 
 
-def positionals(others):
+def positionals(others, tables):
     """Learned position tables: looked up by ids computed in the graph (Range, CumSum), or by a
     position-ids input; token-type tables are tiny (BERT's has 2 rows)."""
     return [n for n in others if not ids_source(n.inputs[1]).is_graph_input() or
-            n.inputs[0].const_value.shape[0] > 16]
+            tables[id(n)].const_value.shape[0] > 16]
 
 
 def has_rotation(att: Attention) -> bool:

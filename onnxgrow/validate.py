@@ -44,7 +44,9 @@ IO_NAMES_KEY = "onnxgrow.io_names"  # renamed inputs/outputs (deepened or pruned
 
 # Default tolerance on the max abs difference, by the dtype the outputs are compared in. Float32
 # rewrites that only reorder sums stay far below 1e-4 on small activations; half precisions round
-# each op's result, so they need room for a few ulps of drift through the layers.
+# each op's result, so they need room for a few ulps of drift through the layers. A float output of a
+# model that stores its weights in a half type (float16 weights behind Casts in a float32 graph) gets
+# the weights' tolerance: a rewrite that scales them (HyperCloning's 1/3) rounds to that type.
 DEFAULT_TOLERANCE = {"float64": 1e-4, "float32": 1e-4, "float16": 1e-2, "bfloat16": 3e-2}
 TOLERANCE_NOTE = "default by dtype: float32 1e-4, float16 1e-2, bfloat16 3e-2"
 
@@ -96,7 +98,13 @@ def open_session(path: str | os.PathLike, provider: str = "auto") -> ort.Inferen
                 raise
             session = _session_with_small_tensors_inline(Path(path), options, providers)
     except Exception as e:
-        raise OnnxgrowError(f"onnxruntime could not load {path}: {_one_line(e)}") from None
+        message = _one_line(e)
+        if "Could not find an implementation for" in message and all(
+                (p if isinstance(p, str) else p[0]) == "CPUExecutionProvider" for p in providers):
+            # ORT's CPU provider has no kernel for some op/type pairs, most bfloat16 arithmetic among them
+            message += (" (ONNX Runtime's CPU provider has no kernel for this op in this model's dtype; "
+                        "bfloat16 models need --provider cuda with onnxruntime-gpu)")
+        raise OnnxgrowError(f"onnxruntime could not load {path}: {message}") from None
     if provider == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
         raise OnnxgrowError(f"onnxruntime could not start CUDA for {path} (it fell back to the CPU)")
     session.onnxgrow_path = str(path)  # for error messages; a session opened from bytes has no path
@@ -492,6 +500,7 @@ class OutputCheck:
     top1_agreement: float | None = None  # share of positions where argmax over the last axis agrees
     copies_max_abs: float | None = None  # only for outputs the io map widened
     note: str = ""  # why the output could not be compared
+    weights_dtype: str | None = None  # set when the models' weight dtype, not `dtype`, set the tolerance
     _top1_hits: int = field(default=0, repr=False)
     _top1_total: int = field(default=0, repr=False)
 
@@ -505,7 +514,7 @@ class OutputCheck:
                 "max_abs_diff": _json_float(self.max_abs_diff), "max_rel_diff": _json_float(self.max_rel_diff),
                 "cosine": _json_float(self.cosine), "top1_agreement": _json_float(self.top1_agreement),
                 "copies_max_abs": _json_float(self.copies_max_abs), "note": self.note or None,
-                "passed": self.passed}
+                "weights_dtype": self.weights_dtype, "passed": self.passed}
 
 
 def _json_float(x: float | None):
@@ -540,6 +549,18 @@ def _tolerance_for(*dtypes: np.dtype) -> tuple[str, float]:
     """The loosest default tolerance among the dtypes, and that dtype's name."""
     named = [(str(d), DEFAULT_TOLERANCE.get(str(d), 0.0)) for d in dtypes]  # ints and bools must match
     return max(named, key=lambda item: item[1])
+
+
+def weights_dtype(*models: ir.Model) -> str | None:
+    """The lowest precision any of the models stores a weight in (a float initializer of rank >= 2,
+    wherever a Cast takes it afterwards), by the name DEFAULT_TOLERANCE uses."""
+    found = set()
+    for model in models:
+        for v in model.graph.initializers.values():
+            t = v.const_value
+            if t is not None and len(t.shape) >= 2 and t.dtype.is_floating_point():
+                found.add(str(np.dtype(t.dtype.numpy())))
+    return max((d for d in found if d in DEFAULT_TOLERANCE), key=DEFAULT_TOLERANCE.get, default=None)
 
 
 def _kept_slices(source: np.ndarray, axes: dict[int, np.ndarray]) -> tuple[np.ndarray, dict[int, np.ndarray]]:
@@ -603,10 +624,16 @@ class Report:
     def exit_code(self) -> int:
         return 0 if self.passed else NOT_PRESERVED
 
+    @property
+    def tolerances(self) -> dict[str, float]:
+        """The tolerance used for each dtype the outputs were compared in."""
+        return {o.dtype: o.tolerance for o in self.outputs}
+
     def to_dict(self) -> dict:
         return {"passed": self.passed, "exit_code": self.exit_code, "source": self.source, "target": self.target,
                 "provider": self.provider, "cases": self.cases, "past_length": self.past_length,
-                "tolerance": self.tolerance_note, "outputs": [o.to_dict() for o in self.outputs]}
+                "tolerance": self.tolerance_note, "tolerances": self.tolerances,
+                "outputs": [o.to_dict() for o in self.outputs]}
 
     def print(self, console) -> None:
         from rich import box
@@ -614,18 +641,25 @@ class Report:
         from rich.table import Table
 
         console.print(f"[bold]{escape(self.source)}[/] -> [bold]{escape(self.target)}[/] on {self.provider}, "
-                      f"{len(self.cases)} input case(s); tolerance {self.tolerance_note}")
+                      f"{len(self.cases)} input case(s); dtype and tolerance: {escape(self.tolerance_note)}")
         show_copies = any(o.copies_max_abs is not None for o in self.outputs)
+        show_dtype = len({(o.dtype, o.tolerance) for o in self.outputs}) > 1  # else the line above says it
         # no vertical rules and a whole name column: KV-cache models have many long output names
         table = Table(show_header=True, header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False,
                       collapse_padding=True)
         table.add_column("output", no_wrap=True, min_width=min(max(len(o.name) for o in self.outputs), 32))
         table.add_column("shape", overflow="fold")
+        if show_dtype:
+            table.add_column("dtype", no_wrap=True)
+            table.add_column("tol", justify="right", no_wrap=True)
         for column in ("max abs", "max rel", "cosine", "top-1") + (("copies",) if show_copies else ()):
             table.add_column(column, justify="right", no_wrap=True)
         table.add_column("verdict")
         for o in self.outputs:
-            row = [escape(o.name), "x".join(map(str, o.shape)), _fmt(o.max_abs_diff), _fmt(o.max_rel_diff),
+            row = [escape(o.name), "x".join(map(str, o.shape))]
+            if show_dtype:
+                row += [o.dtype + (f" ({o.weights_dtype} weights)" if o.weights_dtype else ""), _tol(o.tolerance)]
+            row += [_fmt(o.max_abs_diff), _fmt(o.max_rel_diff),
                    "-" if o.cosine is None else f"{o.cosine:.6f}",
                    "-" if o.top1_agreement is None else f"{o.top1_agreement:.1%}"]
             if show_copies:
@@ -647,6 +681,31 @@ def _why(o: OutputCheck) -> str:
 
 def _fmt(x: float) -> str:
     return f"{x:.1e}" if math.isfinite(x) else str(x)
+
+
+def _tol(x: float) -> str:
+    """A tolerance the way it is written by hand: 1e-4, 3e-2, 2.5e-3."""
+    if not math.isfinite(x) or x == 0:
+        return f"{x:g}"
+    mantissa, exponent = f"{x:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def tolerance_note(outputs: list[OutputCheck], given: float | None) -> str:
+    """Which dtype(s) the outputs were compared in and the tolerance each got, e.g.
+    "float16 1e-2 (default for float16)", "float32 1e-2 (default for float16 weights)" or
+    "float16 1e-2, float32 1e-4 (defaults by dtype)"."""
+    used = list({(o.dtype, o.tolerance, o.weights_dtype): None for o in outputs})
+    if not used:
+        return TOLERANCE_NOTE if given is None else f"{_tol(given)} (given)"
+    text = ", ".join(f"{dtype} {_tol(tol)}" + (f" ({weights} weights)" if weights and len(used) > 1 else "")
+                     for dtype, tol, weights in used)
+    if given is not None:
+        return f"{text} (given)"
+    if len(used) > 1:
+        return f"{text} (defaults by dtype)"
+    dtype, _, weights = used[0]
+    return f"{text} (default for {weights} weights)" if weights else f"{text} (default for {dtype})"
 
 
 # --- validate ---------------------------------------------------------------------------------------------
@@ -683,6 +742,7 @@ def validate(source: Path, target: Path, *, provider: str = "auto", inputs: Path
     compared = {o.name: io_names["outputs"].get(o.name, o.name) for o in target_session.get_outputs()}
     compared = {t: s for t, s in compared.items() if s is not None}
     checks: dict[str, OutputCheck] = {}
+    weights = weights_dtype(source_model, target_model)
     for feeds in cases:
         expected = run_model(source_session, feeds)
         target_feeds = {name: map_input(feeds[src], io_map["inputs"].get(name, {}), name)
@@ -691,11 +751,15 @@ def validate(source: Path, target: Path, *, provider: str = "auto", inputs: Path
         for name, src in compared.items():
             if name not in checks:
                 dtype, default = _tolerance_for(expected[src].dtype, got[name].dtype)
+                by_weights = weights if default and weights and DEFAULT_TOLERANCE[weights] > default else None
+                if by_weights:
+                    default = DEFAULT_TOLERANCE[by_weights]
                 checks[name] = OutputCheck(name, expected[src].shape, dtype,
-                                           default if tolerance is None else tolerance)
+                                           default if tolerance is None else tolerance,
+                                           weights_dtype=by_weights if tolerance is None else None)
             _compare(checks[name], got[name], expected[src], io_map["outputs"].get(name, {}))
 
-    note = TOLERANCE_NOTE if tolerance is None else f"{tolerance:g} (given)"
+    note = tolerance_note(list(checks.values()), tolerance)
     shapes_fed = [{name: list(array.shape) for name, array in feeds.items()} for feeds in cases]
     return Report(str(source), str(target), source_session.get_providers()[0], shapes_fed,
                   past_length if plan.past_dims and inputs is None else None, note, list(checks.values()))
