@@ -229,6 +229,15 @@ def summarise(arm: dict, random_arm: dict, source_seconds: float | None) -> dict
 
 
 def run(setting_name: str, workdir: Path, groups: list[str]) -> dict:
+    report = {}
+    for report in run_groups(setting_name, workdir, groups):
+        # after every group, so that a late failure keeps what was measured
+        (workdir / "growth.partial.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def run_groups(setting_name: str, workdir: Path, groups: list[str]):
+    """Yields the report so far after each group."""
     setting = SETTINGS[setting_name]
     workdir.mkdir(parents=True, exist_ok=True)
     corpus = workdir / "corpus.txt"
@@ -246,6 +255,7 @@ def run(setting_name: str, workdir: Path, groups: list[str]) -> dict:
     for group in groups:
         if group == "encoder":
             results["encoder"] = run_encoder(setting, workdir, corpus)
+            yield make_report(setting_name, setting, corpus_info, results, runs, source_run)
             continue
         arms = GROUPS[group]
         print(f"group {group}", flush=True)
@@ -280,6 +290,10 @@ def run(setting_name: str, workdir: Path, groups: list[str]) -> dict:
         results[f"{group}/random"] = {"loss_at_0": runs[f"{group}/random"]["val_loss_start"],
                                       "final_loss": runs[f"{group}/random"]["val_loss_end"],
                                       "lr": runs[f"{group}/random"]["lr"]}
+        yield make_report(setting_name, setting, corpus_info, results, runs, source_run)
+
+
+def make_report(setting_name, setting, corpus_info, results, runs, source_run) -> dict:
     return {"setting": setting_name, "config": asdict(setting), "corpus": corpus_info, "results": results,
             "curves": {k: r["val_history"] for k, r in runs.items() if isinstance(r, dict) and "val_history" in r},
             "tuning": {k: v for k, v in runs.items() if k.endswith("/tuning")},
@@ -292,9 +306,8 @@ def run_encoder(setting: Setting, workdir: Path, corpus: Path) -> dict:
     of the same shape, both continuing masked-LM training on the same text."""
     build = load_builder()
     tokenizer = build.minilm_dir() / "tokenizer.json"
-    minilm = ROOT / "models" / "zoo" / "minilm-ts17.onnx"
-    if not minilm.exists():
-        build.build_zoo(only=["minilm-ts17"])
+    entry = build.build_zoo(only=["minilm-ts17"])[0]  # built once, then cached in models/zoo
+    minilm = build.ZOO_DIR / entry["path"]
     wide, rand = workdir / "minilm-x2.onnx", workdir / "minilm-x2-random-init.onnx"
     modelio.save(api.widen_ir(modelio.load(minilm), factor=2, noise=setting.noise), wide, force=True)
     make_random(wide, rand)
