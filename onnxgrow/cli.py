@@ -199,6 +199,8 @@ def subclone(model: Path = typer.Argument(..., help="source ONNX model (the larg
              allow_random_calib: bool = typer.Option(False, help="calibrate on random ids when no data is given"),
              rescale: str = typer.Option("norm", help="norm (match norm statistics) | sqrt (paper's sqrt(D/d)) | none"),
              provider: str = typer.Option("auto", help="auto | cuda | cpu"),
+             report: bool = typer.Option(True, help="print the fidelity report (runs source, subclone and a "
+                                                    "random model on held-out windows)"),
              output: Optional[Path] = typer.Option(None, "--output", "-o"),
              force: bool = typer.Option(False, help="replace an existing output")):
     """Make a smaller model whose weights are chosen from MODEL's (Weight subcloning)."""
@@ -208,6 +210,7 @@ def subclone(model: Path = typer.Argument(..., help="source ONNX model (the larg
     from .subclone import subclone_ir
     source = modelio.load(model)
     before = api.load_structure(source)
+    source_config = before.config()  # now: the rewrite happens in place
     if calib is None:
         if not allow_random_calib:
             raise OnnxgrowError("subclone ranks neurons on calibration data: give --calib "
@@ -222,23 +225,26 @@ def subclone(model: Path = typer.Argument(..., help="source ONNX model (the larg
     held_out = calibrate.windows(tokens[split:], min(seq, max(len(tokens) - split, 1)), max(samples // 4, 1))
     result = subclone_ir(source, ids, hidden=hidden, heads=heads, kv_heads=kv_heads, ffn=ffn, layers=layers,
                          keep_layers=parse_list(keep_layers, "--keep-layers"), rescale=rescale,
-                         provider=provider)
-    output = output or api.default_output(model, f"subclone-h{result.sizes['hidden']}-l{len(before.blocks) - len(result.removed_blocks)}")
+                         provider=provider, spec=before)
+    output = output or api.default_output(model, f"subclone-h{result.sizes['hidden']}-l{source_config['num_layers'] - len(result.removed_blocks)}")
     modelio.save(result.model, output, input_paths=(model,), force=force)
+    if not report:
+        out.print(f"wrote {output}")
+        return
     try:
-        subclone_report(model, output, before, result, held_out, provider)
+        subclone_report(model, output, source_config, result, held_out, provider)
     except BaseException:
         output.unlink(missing_ok=True)  # a model we could not describe is not handed out
         raise
     out.print(f"wrote {output}")
 
 
-def subclone_report(model, output, before, result, held_out, provider):
+def subclone_report(model, output, source_config, result, held_out, provider):
     import tempfile
 
     from .subclone import fidelity, randomized
     after = api.inspect(output)
-    out.print(config_table(f"{model} -> {output} (subclone)", before.config(), after,
+    out.print(config_table(f"{model} -> {output} (subclone)", source_config, after,
                            headers=("source", "target")))
     if result.removed_blocks:
         out.print(f"removed blocks {result.removed_blocks} (relative updates of the stream: "

@@ -68,8 +68,8 @@ def data_input(spec: TransformerSpec, proj) -> ir.Value:
 
 def subclone_ir(model: ir.Model, ids: np.ndarray, *, hidden=None, heads=None, kv_heads=None, ffn=None,
                 layers=None, keep_layers: list[int] | None = None, rescale: str = "norm",
-                provider: str = "auto") -> SubcloneResult:
-    spec = load_structure(model)
+                provider: str = "auto", spec: TransformerSpec | None = None) -> SubcloneResult:
+    spec = spec or load_structure(model)
     num = len(spec.blocks)
     blocks = block_graphs(spec)
     sizes = target_sizes(spec, hidden, heads, kv_heads, ffn)
@@ -217,6 +217,8 @@ def copies(spec: TransformerSpec, d) -> np.ndarray:
         keys = rows.view(np.dtype((np.void, rows.shape[1] * rows.dtype.itemsize))).reshape(-1)
         same = np.unique(keys, return_inverse=True)[1].reshape(-1)
         labels = np.unique(labels * atom.size + same, return_inverse=True)[1].reshape(-1)
+        if labels.max() == atom.size - 1:  # all distinct already: more weights cannot merge any
+            return alone
     first = np.unique(labels, return_index=True)[1]
     return first[labels]
 

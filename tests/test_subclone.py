@@ -143,3 +143,13 @@ def test_cli_subclone_with_text_calibration(tmp_path):
     got = onnxgrow.inspect(out)
     assert (got["hidden_size"], got["num_layers"]) == (32, 1)
     assert "subclone_loss" in result.output and "random_loss" in result.output
+
+
+def test_cli_subclone_without_report(tmp_path):
+    out = tmp_path / "s.onnx"
+    result = runner.invoke(app, ["subclone", str(DEFAULT_MODEL), "--hidden", "32", "--layers", "1",
+                                 "--allow-random-calib", "--samples", "4", "--seq", "16", "--no-report", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "subclone_loss" not in result.output and "wrote" in result.output
+    got = onnxgrow.inspect(out)
+    assert (got["hidden_size"], got["num_layers"]) == (32, 1)
