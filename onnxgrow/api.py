@@ -188,8 +188,10 @@ def deepen_ir(model: ir.Model, layers=None, *, factor=None, method="identity", a
         for name in sorted(set(model.graph.initializers) - before - set(zeroed)):
             v = model.graph.initializers[name]
             w = v.const_value.numpy()
-            if w.dtype.kind == "f" and w.ndim >= 1:
-                set_tensor(v, (w + rng.normal(0, noise * float(w.std()), w.shape)).astype(w.dtype))
+            # by the ONNX type: numpy files bfloat16 (ml_dtypes) under kind "V", not "f"
+            if v.const_value.dtype.is_floating_point() and w.ndim >= 1:
+                x = w.astype(np.float64)
+                set_tensor(v, (x + rng.normal(0, noise * float(x.std()), w.shape)).astype(w.dtype))
     model.metadata_props["onnxgrow.history"] = (
         model.metadata_props.get("onnxgrow.history", "") + f"deepen:{method}:layers={target};")
     return model

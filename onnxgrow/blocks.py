@@ -1,8 +1,10 @@
 """Transformer blocks as subgraphs of the residual stream, and how to copy one.
 
 A block reads the residual stream at `r_in` and writes it at `r_out`; its nodes are those that
-depend on `r_in` and that `r_out` depends on. Values the block reads from outside (masks, rotary
-tables, shapes of the inputs) stay shared by its copies; initializers only the block uses are copied.
+depend on `r_in` and that `r_out` depends on, plus the weight-side nodes (a float16 weight's Cast
+to float, a Transpose of a weight, a Constant) that only those read. Values the block reads from
+outside (masks, rotary tables, shapes of the inputs) stay shared by its copies; initializers only
+the block uses are copied.
 """
 
 from __future__ import annotations
@@ -72,6 +74,40 @@ def own_nodes(candidates: set[int], data: set[int], graph: ir.Graph, r_out: ir.V
     return inside
 
 
+def weight_side(graph: ir.Graph) -> list[ir.Node]:
+    """The nodes computed from initializers and constants alone (a float16 weight's Cast to float, a
+    Transpose of a weight, a Constant), in graph order: they read no activation, so the walks from
+    r_in miss them."""
+    side: list[ir.Node] = []
+    ids: set[int] = set()
+    for node in graph:
+        if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
+            continue
+        if all(v is None or (v.is_initializer() and not v.is_graph_input())
+               or (v.producer() is not None and id(v.producer()) in ids) for v in node.inputs):
+            side.append(node)
+            ids.add(id(node))
+    return side
+
+
+def with_weight_side(inside: set[int], side: list[ir.Node]) -> set[int]:
+    """`inside` plus the weight-side nodes that only it reads (through chains: Cast -> Transpose ->
+    MatMul), so that a block's copies get their own weights and a removed block takes them along."""
+    inside = set(inside)
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(side):  # consumers first: a chain joins in one sweep
+            if id(node) in inside:
+                continue
+            readers = [c for out in node.outputs for c in out.consumers()]
+            if readers and all(id(c) in inside for c in readers) \
+                    and not any(out.is_graph_output() for out in node.outputs):
+                inside.add(id(node))
+                changed = True
+    return inside
+
+
 def residual_values(spec: TransformerSpec) -> list[ir.Value]:
     """r_0 ... r_L: the residual stream before each block and after the last one."""
     blocks = spec.blocks
@@ -108,12 +144,14 @@ def block_graphs(spec: TransformerSpec) -> list[BlockGraph]:
     (the past and present K/V of a KV-cache export)."""
     stream = residual_values(spec)
     order = {id(n): i for i, n in enumerate(spec.model.graph)}
+    side = weight_side(spec.model.graph)
     result = []
     for i, b in enumerate(spec.blocks):
         r_in, r_out = stream[i], stream[i + 1]
         upstream = ancestors(r_out)
         data = descendants(r_in, through_shapes=False) & upstream
         inside = own_nodes(descendants(r_in) & upstream, data, spec.model.graph, r_out)
+        inside = with_weight_side(inside, side)
         nodes = sorted((n for n in spec.model.graph if id(n) in inside), key=lambda n: order[id(n)])
         # the block's own inputs: read by its nodes, and elsewhere only for their shape (the past
         # length that masks and positions are built from)
@@ -133,7 +171,8 @@ def output_projections(spec: TransformerSpec, block) -> list[str]:
             continue
         names.append(weight_of(spec.flow, proj)[0].name)
         if proj.op_type == "Gemm" and len(proj.inputs) > 2 and proj.inputs[2] is not None:
-            names.append(proj.inputs[2].name)
+            bias, _ = spec.flow.source_initializer(proj.inputs[2])  # through its Cast, if any
+            names.append(proj.inputs[2].name if bias is None else bias.name)  # none: refused as shared
         for c in proj.outputs[0].consumers():
             if c.op_type == "Add":
                 other = c.inputs[1] if c.inputs[0] is proj.outputs[0] else c.inputs[0]

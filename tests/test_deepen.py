@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from operator import attrgetter
+
+import numpy as np
+import onnx
+import onnx_ir as ir
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
 import onnxgrow
 from onnxgrow.api import deepen
 from onnxgrow.cli import app
 from onnxgrow.errors import OnnxgrowError
+from onnxgrow.structure import weight_of
 from conftest import DEFAULT_MODEL, SMALL_NAMES
 from helpers import save_and_validate, worst
 
@@ -75,3 +82,60 @@ def test_cli_deepen(tmp_path):
     assert onnxgrow.inspect(out)["num_layers"] == 4
     bad = runner.invoke(app, ["deepen", str(DEFAULT_MODEL), "--at", "7", "-o", str(tmp_path / "x.onnx")])
     assert bad.exit_code == 2 and "--at" in bad.output and not (tmp_path / "x.onnx").exists()
+
+
+def weights_behind(model: onnx.ModelProto, half: bool) -> onnx.ModelProto:
+    """Every MatMul weight W stored transposed, read through Transpose (and, `half`, stored as float16
+    behind a Cast first): chains of nodes that read no activation, as converters write them."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    chains, matmul = [], {n.input[1] for n in m.graph.node if n.op_type == "MatMul"}
+    for t in m.graph.initializer:
+        if t.data_type == TensorProto.FLOAT and len(t.dims) == 2 and t.name in matmul:
+            name, w = t.name, numpy_helper.to_array(t)
+            stored = np.ascontiguousarray(w.T.astype(np.float16 if half else np.float32))
+            t.CopyFrom(numpy_helper.from_array(stored, name + ".t"))
+            x = name + ".t"
+            if half:
+                chains.append(helper.make_node("Cast", [x], [name + ".t32"], to=TensorProto.FLOAT))
+                x = name + ".t32"
+            chains.append(helper.make_node("Transpose", [x], [name], perm=[1, 0]))
+    nodes = chains + list(m.graph.node)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    return m
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["transpose", "cast-transpose"])
+def test_weight_side_chains_belong_to_their_block(zoo, tmp_path, half):
+    """A block owns the nodes that only compute its weights: identity copies zero their own, stacked
+    copies get weights of their own, and removing a block takes its chains and weights along."""
+    from onnxgrow import modelio
+    from onnxgrow.subclone import subclone_ir
+    source = tmp_path / "chains.onnx"
+    onnx.save(weights_behind(onnx.load(zoo["llama-gqa-ts17"]["file"]), half), source)
+
+    deep = deepen(source, factor=2)
+    report = save_and_validate(deep, source, tmp_path / "deep.onnx", tolerance=1e-5)
+    assert report.passed and worst(report) == 0.0, report.to_dict()
+    for model in (deep, deepen(source, 4, method="stack")):
+        readers = {}
+        for n in model.graph.node:
+            for x in n.input:
+                readers.setdefault(x, []).append(n.op_type)
+        stored = [t.name for t in model.graph.initializer if t.name.endswith(".t") or ".t." in t.name]
+        assert len(stored) == len(set(stored)) > 0
+        for name in stored:  # each weight read by its own chain, none shared between copies
+            assert readers[name] == ["Cast" if half else "Transpose"], name
+
+    small = ir.to_proto(subclone_ir(modelio.load(source), np.zeros((1, 4), np.int64), keep_layers=[1],
+                                    provider="cpu").model)
+    read = {x for n in small.graph.node for x in n.input} | {o.name for o in small.graph.output}
+    assert [n.name for n in small.graph.node if not any(y in read for y in n.output)] == []
+    assert not {t.name for t in small.graph.initializer} - read
+    spec = onnxgrow.structure(source)
+    first = {weight_of(spec.flow, p)[0].name for p in (*attrgetter("q_proj", "k_proj", "v_proj", "o_proj")(
+        spec.blocks[0].attention), spec.blocks[0].ffn.up, spec.blocks[0].ffn.down, spec.blocks[0].ffn.gate)}
+    assert all(name.endswith(".t") for name in first)  # found through the chains
+    before = {t.name for t in onnx.load(source).graph.initializer if t.name.endswith(".t")}
+    assert {t.name for t in small.graph.initializer if t.name.endswith(".t")} == before - first

@@ -55,9 +55,6 @@ COMPUTE = {"float16": "float16", "bfloat16": "bfloat16", "cast16": "float32"}  #
 TOLERANCE = {v: DEFAULT_TOLERANCE[HALF_NAME] for v, HALF_NAME in
              (("float16", "float16"), ("bfloat16", "bfloat16"), ("cast16", "float16"))}
 IDS = np.random.default_rng(0).integers(0, 500, (8, 16))  # subclone's calibration ids
-CAST_DEEPEN = ("deepen copies a block's nodes, but the Cast of a block's weight reads no activation, so "
-               "blocks.block_graphs leaves it outside the block: copies share the original's float16 "
-               "weight (stack) and identity blocks refuse to zero it (needs a fix in onnxgrow/blocks.py)")
 runner = CliRunner()
 
 
@@ -224,20 +221,15 @@ def skip_unless_ort_runs(path: Path) -> None:
         pytest.skip(reason)
 
 
-def cases(methods=METHODS, names=MODELS, kinds=VARIANTS, own_weights=False):
-    """(name, variant, method) params. Identity blocks need pre-norm (not BERT). Deepening the cast16
-    variant is a known failure: identity refuses, and stack runs but its copies share the original
-    weights (a failure where the test checks that each block has its own, `own_weights`)."""
+def cases(methods=METHODS, names=MODELS, kinds=VARIANTS):
+    """(name, variant, method) params. Identity blocks need pre-norm (not BERT)."""
     params = []
     for name in names:
         for variant in kinds:
             for method in methods:
                 if method == "identity" and name.startswith("bert"):
                     continue
-                marks = ()
-                if variant == "cast16" and (method == "identity" or (method == "stack" and own_weights)):
-                    marks = pytest.mark.xfail(strict=True, reason=CAST_DEEPEN)
-                params.append(pytest.param(name, variant, method, marks=marks, id=f"{name}-{variant}-{method}"))
+                params.append(pytest.param(name, variant, method, id=f"{name}-{variant}-{method}"))
     return params
 
 
@@ -328,7 +320,7 @@ def assert_blocks_have_own_weights(path: Path) -> None:
     assert len(set(weights)) == len(weights), weights
 
 
-@pytest.mark.parametrize("name, variant, method", cases(own_weights=True))
+@pytest.mark.parametrize("name, variant, method", cases())
 def test_rewrite_keeps_dtypes(zoo, variants, name, variant, method):
     if method == "subclone" and variant == "bfloat16":
         skip_unless_ort_runs(variants.path(name, variant))  # calibration runs the model in ORT
@@ -430,29 +422,47 @@ def test_bfloat16_exact_methods_in_torch(variants, name, method):
     print(f"{name} bfloat16 {method} (torch bridge): max abs {worst:.2e}")
 
 
-@pytest.mark.xfail(strict=True, reason="blocks.block_graphs leaves the Casts of a block's float16 weights outside "
-                                       "the block (they read no activation), so remove_blocks leaves them and "
-                                       "their weights in the graph, dead (needs a fix in onnxgrow/blocks.py)")
 @pytest.mark.parametrize("name", ["gpt2-ts17", "llama-gqa-ts17"])
 def test_cast16_block_removal_drops_the_blocks_weights(variants, name):
-    """Removing a block must remove its weights: they are float16 initializers behind Casts that only
-    the block reads. (Today the Casts stay, dead, with their weights.)"""
+    """Removing a block removes its weights, float16 initializers behind Casts that only the block
+    reads, with those Casts: what is left is the float32 model's result weight for weight, each still
+    float16 behind its own Cast, and no node is left dead."""
     from onnxgrow.subclone import subclone_ir
-    before = onnx.load(variants.path(name, "cast16"))
-    model = ir.to_proto(subclone_ir(modelio.load(variants.path(name, "cast16")), IDS[:2], keep_layers=[1],
-                                    provider="cpu").model)
-    halves = [sum(t.data_type == TensorProto.FLOAT16 for t in m.graph.initializer) for m in (before, model)]
-    assert halves[1] < halves[0], halves
+
+    def drop_first(variant):
+        return ir.to_proto(subclone_ir(modelio.load(variants.path(name, variant)), IDS[:2], keep_layers=[1],
+                                       provider="cpu").model)
+
+    before, model, reference = onnx.load(variants.path(name, "cast16")), drop_first("cast16"), drop_first("ref-float16")
+    halves = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == TensorProto.FLOAT16}
+    stored = {t.name for t in before.graph.initializer if t.data_type == TensorProto.FLOAT16}
+    want = {t.name + ".fp16": numpy_helper.to_array(t) for t in reference.graph.initializer
+            if t.name + ".fp16" in stored}  # the float32 result's weights that cast16 stores as float16
+    assert sorted(halves) == sorted(want) and len(halves) < len(stored)
+    for k, got in halves.items():
+        np.testing.assert_allclose(got.astype(np.float32), want[k], rtol=1e-2 if got.ndim == 1 else 0, err_msg=k)
+    casts = [n for n in model.graph.node if n.op_type == "Cast" and n.input[0] in halves]
+    assert sorted(n.input[0] for n in casts) == sorted(halves)  # one Cast each
+    read = {x for n in model.graph.node for x in n.input} | {o.name for o in model.graph.output}
+    assert [n.name for n in model.graph.node if not any(y in read for y in n.output)] == []
 
 
-@pytest.mark.xfail(strict=True, reason="onnxgrow/api.py deepen_ir adds noise only where w.dtype.kind == 'f'; "
-                                       "numpy files ml_dtypes.bfloat16 under kind 'V', so bfloat16 copies get none")
 def test_deepen_noise_reaches_bfloat16_copies(variants):
+    """--noise perturbs the copies' float weights in bfloat16 too (numpy files ml_dtypes.bfloat16 under
+    kind "V", not "f"), keeps their dtype, and leaves the original blocks' weights as they were."""
     path = variants.path("llama-gqa-ts17", "bfloat16")
     plain, noisy = deepen(path, at=[0], method="stack"), deepen(path, at=[0], method="stack", noise=0.05)
+    assert [(t.name, t.data_type) for t in plain.graph.initializer] == \
+        [(t.name, t.data_type) for t in noisy.graph.initializer]
     a = {t.name: numpy_helper.to_array(t) for t in plain.graph.initializer}
     b = {t.name: numpy_helper.to_array(t) for t in noisy.graph.initializer}
-    assert any(not np.array_equal(a[n], b[n]) for n in a)
+    changed = {n for n in a if not np.array_equal(a[n], b[n])}
+    copies = {n for n, w in a.items() if re.search(r"\.b\d+c\d+$", n) and w.ndim >= 1 and w.dtype == ml_dtypes.bfloat16
+              and w.astype(np.float32).std() > 0}
+    assert copies and changed == copies
+    for n in changed:
+        step = np.abs(b[n].astype(np.float32) - a[n].astype(np.float32))
+        assert 0 < step.mean() < 0.5 * a[n].astype(np.float32).std(), n  # noise at about 5% of the spread
 
 
 # --- validate names the dtype and the tolerance it used ---------------------------------------------------
