@@ -81,6 +81,8 @@ def inline_identity_params(graph: ir.Graph) -> None:
         own = ir.Value(name=unique_name(graph, out.name or source.name), shape=source.shape,
                        type=source.type, const_value=source.const_value)
         graph.register_initializer(own)
+        # where the weight lives in the graph as exported (export/import-weights map roles back)
+        graph.meta.setdefault("onnxgrow_aliases", {})[own.name] = source.name
         out.replace_all_uses_with(own)
         graph.remove(node, safe=True)
 

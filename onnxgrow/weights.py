@@ -107,7 +107,10 @@ def model_roles(model) -> tuple[ir.Model, dict[str, tuple[str, bool]]]:
     m = load_ir(model)
     floats = [name for name, v in m.graph.initializers.items()
               if v.const_value is not None and int(v.const_value.dtype) in FLOAT_TYPES]
-    return m, roles_of(api.structure(m), floats)
+    spec = api.structure(m)  # matched on a normalized copy, whose deduplicated parameters have own names
+    aliases = spec.model.graph.meta.get("onnxgrow_aliases", {})
+    # in the graph as exported such a parameter is its twin: the roles share that initializer
+    return m, {role: (aliases.get(name, name), t) for role, (name, t) in roles_of(spec, floats).items()}
 
 
 def export_weights(model, out_path, *, force: bool = False) -> Path:

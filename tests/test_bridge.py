@@ -350,3 +350,21 @@ def test_load_weights_checks_shapes(zoo, tmp_path):
     wide = ir.from_proto(api.widen(path, 2))
     with pytest.raises(OnnxgrowError, match=r"the file holds \[\d+(, \d+)*\], the model \[\d+(, \d+)*\]"):
         weights.load_weights(wide, out, strict=False)  # strict: the widened graph has lifted constants too
+
+
+def test_weights_of_a_model_with_deduplicated_parameters(zoo, tmp_path):
+    # the TorchScript exporter stores equal parameters once and feeds the copies through Identity
+    # nodes named after the parameter (as in a fresh GPT-2's zero biases)
+    model = onnx.load(str(model_path(zoo, "gpt2-ts17")))
+    inits = {t.name: t for t in model.graph.initializer}
+    kept, twin = "transformer.h.0.attn.c_proj.bias", "transformer.h.1.attn.c_proj.bias"
+    model.graph.initializer.remove(inits[twin])
+    model.graph.node.insert(0, onnx.helper.make_node("Identity", [kept], [twin]))
+    path = tmp_path / "dedup.onnx"
+    onnx.save(model, str(path))
+    out = weights.export_weights(path, tmp_path / "w.safetensors")
+    tensors, roles = read_safetensors(out)
+    assert roles["layers.1.attn.o.bias"]["initializer"] == kept  # the twin's role reads the shared weight
+    assert torch.equal(tensors["layers.0.attn.o.bias"], tensors["layers.1.attn.o.bias"])
+    restored = weights.load_weights(path, out)
+    assert restored.SerializeToString() == onnx.load(str(path)).SerializeToString()
