@@ -7,7 +7,7 @@ Models (random weights, GPT-2 architecture, TorchScript opset 17, exported once 
 - big: 24 layers x 1280 (20 heads), 537M parameters, 2.2 GB: ONNX external data.
 
 For each model: widen x2 (HyperCloning), deepen x2 (stack), subclone to half width and half depth
-(ranked on random token ids, --allow-random-calib). Each runs as `python -m onnxgrow ... --no-verify`
+(ranked on random token ids, --allow-random-calib, without the fidelity report). Each runs as `python -m onnxgrow ... --no-verify`
 in its own process under /usr/bin/time -v ("peak" = that process's maximum resident set size). The
 floor of each is `onnx.load` + `onnx.save` of its output (external data above 2 GB, as onnxgrow
 writes it). The memory bound we aim at is input + output + the largest single tensor.
@@ -107,7 +107,7 @@ def floor(out: Path, workdir: Path) -> tuple[float, float]:
     return result
 
 
-def bench_model(name: str, workdir: Path) -> list[dict]:
+def bench_model(name: str, workdir: Path, only: set | None = None) -> list[dict]:
     sizes = MODELS[name]
     src = workdir / f"gpt2-{sizes['layers']}x{sizes['hidden']}.onnx"
     if not src.exists():
@@ -119,8 +119,11 @@ def bench_model(name: str, workdir: Path) -> list[dict]:
         "widen x2": ["widen", str(src), "--factor", "2"],
         "deepen x2": ["deepen", str(src), "--layers", str(2 * layers), "--method", "stack"],
         "subclone 1/2": ["subclone", str(src), "--hidden", str(hidden // 2), "--layers", str(layers // 2),
-                         "--allow-random-calib", "--samples", "8", "--seq", "32"],
+                         "--allow-random-calib", "--samples", "8", "--seq", "32", "--no-report"],
     }
+    def wanted(what):
+        return only is None or what in only
+    ops = {k: v for k, v in ops.items() if wanted(k.split()[0])}
     rows = []
     source_gb, biggest = size_of(src), largest_tensor(src)
     for op, args in ops.items():
@@ -133,22 +136,24 @@ def bench_model(name: str, workdir: Path) -> list[dict]:
                      "floor_peak_gb": f_peak, "ratio": seconds / f_seconds, "input_gb": source_gb,
                      "output_gb": out_gb, "bound_gb": source_gb + out_gb + max(biggest, largest_tensor(out))})
         print(json.dumps(rows[-1]), flush=True)
-        if not (name == "big" and op == "widen x2"):
+        if not (name == "big" and op == "widen x2" and wanted("commands")):
             remove(out)
-    if name == "big":
+    if name == "big" and wanted("commands"):
         wide = workdir / "big-widen.onnx"
         trained = workdir / "big-trained.onnx"
         weights = workdir / "big-weights.safetensors"
         imported = workdir / "big-imported.onnx"
+        if not wide.exists():  # validated below; made here when --ops left the widen row out
+            subprocess.run(cli + ["widen", str(src), "--factor", "2", "-o", str(wide), "--no-verify"], check=True)
         text = workdir / "text.txt"
         text.write_text(" ".join(str(i) for i in range(20000)))
         extra = {
             "inspect": cli + ["inspect", str(src)],
             "validate widened vs source": cli + ["validate", str(src), str(wide)],
             "train 2 steps (batch 1 x 32 bytes)": cli + ["train", str(src), "--data", str(text), "--bytes", "--steps", "2",
-                                                        "--batch", "1", "--seq", "32", "-o", str(trained)],
-            "export-weights": cli + ["export-weights", str(src), "-o", str(weights)],
-            "import-weights": cli + ["import-weights", str(src), str(weights), "-o", str(imported)],
+                                                        "--batch", "1", "--seq", "32", "-o", str(trained), "--force"],
+            "export-weights": cli + ["export-weights", str(src), "-o", str(weights), "--force"],
+            "import-weights": cli + ["import-weights", str(src), str(weights), "-o", str(imported), "--force"],
         }
         for op, cmd in extra.items():
             seconds, peak = measured(cmd)
@@ -165,11 +170,13 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/onnxgrow-bench"))
     parser.add_argument("--models", default="small,big")
+    parser.add_argument("--ops", default=None, help="only these of widen,deepen,subclone,commands (the other commands, big model)")
     args = parser.parse_args()
+    only = set(args.ops.split(",")) if args.ops else None
     args.workdir.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.models.split(","):
-        rows += bench_model(name, args.workdir)
+        rows += bench_model(name, args.workdir, only)
     (args.workdir / "scale.json").write_text(json.dumps(rows, indent=1))
     print("| model | step | wall s | peak RSS GB | floor s | floor peak GB | time / floor | in + out + largest GB |")
     print("|---|---|---|---|---|---|---|---|")
