@@ -39,7 +39,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -405,7 +405,12 @@ def main(argv=None):
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/onnxgrow-growth"))
     parser.add_argument("--groups", default=None, help="comma list of width,depth,both,subclone,encoder")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--lrs-random", default=None, help="comma list: the random arms' learning-rate grid")
+    parser.add_argument("--lrs-grown", default=None, help="comma list: the grown arms' learning-rate grid")
     args = parser.parse_args(argv)
+    for arg, key in ((args.lrs_random, "lrs_random"), (args.lrs_grown, "lrs_grown")):
+        if arg:
+            SETTINGS[args.setting] = replace(SETTINGS[args.setting], **{key: tuple(float(x) for x in arg.split(","))})
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
