@@ -10,8 +10,11 @@ where the command has "not preserved"), and then what it wrote must be a valid m
 one command (they take turns) in a worker process, so a crash or a hang in native code is recorded
 as a failure of that case instead of ending the run.
 
-Prints one row per kind of input: cases tried, accepted, rejected cleanly, failures; then every
-failure with the command line that reproduces it.
+The commands are test_fuzz.COMMANDS: inspect, validate, widen, deepen, subclone and train (one
+step on a small byte corpus, through the torch bridge).
+
+Prints one row per kind of input: cases tried, accepted, rejected cleanly, failures; the same per
+command, with its seconds; then every failure with the command line that reproduces it.
 """
 
 from __future__ import annotations
@@ -149,6 +152,7 @@ def main() -> None:
 
     jobs = all_cases(args.cases, args.seed, args.fixed)
     counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    by_command: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     failures = []
     seconds = collections.Counter()
     start = time.perf_counter()
@@ -160,6 +164,8 @@ def main() -> None:
             "tiny GPT-2 edits" if case.name.startswith("gpt2-") else "files and small graphs")
         counts[kind][status] += 1
         counts[kind]["tried"] += 1
+        by_command[command][status] += 1
+        by_command[command]["tried"] += 1
         seconds[command] += took
         if status == "failure":
             failures.append((case.name, command, detail))
@@ -185,7 +191,12 @@ def main() -> None:
         print(f"| {kind} | {c['tried']} | {c['accepted']} | {c['rejected']} | {c['failure']} |")
     print(f"| **all** | **{total['tried']}** | **{total['accepted']}** | **{total['rejected']}** | "
           f"**{total['failure']}** |")
-    print("\nseconds per command: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(seconds.items())))
+    print("\n| command | tried | accepted | rejected cleanly | failures | seconds |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for command in sorted(by_command):
+        c = by_command[command]
+        print(f"| {command} | {c['tried']} | {c['accepted']} | {c['rejected']} | {c['failure']} | "
+              f"{seconds[command]:.0f} |")
     if failures:
         print(f"\n{len(failures)} failures:")
         for name, command, detail in failures:

@@ -53,6 +53,10 @@ from . import modelio
 from .errors import OnnxgrowError
 
 HOST_MAX = 64  # int/bool tensors up to this many elements (rank <= 1) are computed on the host
+# What an op raises when the graph cannot run as given (shapes that do not fit, an index out of range,
+# a division by zero in shape arithmetic): reported as the node that failed, like ONNX Runtime does.
+# Other exceptions (TypeError, AttributeError, ...) are bugs of the bridge and stay unforeseen errors.
+RUN_ERRORS = (RuntimeError, ValueError, IndexError, ZeroDivisionError, OverflowError)
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 TORCH_DTYPE = {
@@ -99,6 +103,22 @@ def S(x):
 
 def as_list(x) -> list:
     return x if isinstance(x, list) else [x]
+
+
+def index_list(x, name: str) -> list:
+    """An input that must hold integers (axes, a shape, sizes), as a host list; a scalar is a list of
+    one. A graph that feeds it floats or a tensor of rank > 1 cannot run (a ValueError: the node fails)."""
+    values = as_list(S(x))
+    if any(isinstance(v, (list, float)) or v is None for v in values):
+        raise ValueError(f"{name} must be a 1-D tensor of integers")
+    return values
+
+
+def one_int(x, name: str):
+    values = index_list(x, name)
+    if len(values) != 1:
+        raise ValueError(f"{name} must be one integer, got {len(values)}")
+    return values[0]
 
 
 def f32(x: torch.Tensor) -> torch.Tensor:
@@ -319,9 +339,12 @@ def dropout(dev, a, x, ratio=None, training=None):
 # --- matrix products and normalisation --------------------------------------------------------------
 
 
-def same_dtype(x, y):
-    """Operands in one dtype. Autocast does this for matmuls; a module cast to bf16 as a whole meets
-    the float32 outputs of the ops that upcast (Softmax, norms), and promotion keeps them exact."""
+def same_dtype(dev, x, y):
+    """Operands as tensors in one dtype. Autocast does this for matmuls; a module cast to bf16 as a
+    whole meets the float32 outputs of the ops that upcast (Softmax, norms), and promotion keeps them
+    exact. A host value (an int vector from shape arithmetic) becomes a tensor here."""
+    like = first_tensor(x, y)
+    x, y = T(x, dev, like), T(y, dev, like)
     if x.dtype == y.dtype:
         return x, y
     dtype = torch.promote_types(x.dtype, y.dtype)
@@ -330,12 +353,12 @@ def same_dtype(x, y):
 
 @op("MatMul")
 def matmul(dev, a, x, y):
-    return torch.matmul(*same_dtype(x, y))
+    return torch.matmul(*same_dtype(dev, x, y))
 
 
 @op("Gemm")
 def gemm(dev, a, x, y, c=None):
-    x, y = same_dtype(x, y)
+    x, y = same_dtype(dev, x, y)
     x = x.t() if a.get("transA", 0) else x
     y = y.t() if a.get("transB", 0) else y
     alpha, beta = a.get("alpha", 1.0), a.get("beta", 1.0)
@@ -383,7 +406,7 @@ def rms_norm(dev, a, x, scale):
 
 
 def reduce_axes(a, x, axes):
-    axes = S(axes) if axes is not None else a.get("axes")
+    axes = index_list(axes, "axes") if axes is not None else a.get("axes")
     if axes is None or axes == []:
         return None if not a.get("noop_with_empty_axes", 0) else []
     return [axis_of(i, x.dim()) for i in as_list(axes)]
@@ -427,8 +450,7 @@ def argmax(dev, a, x):
 
 @op("CumSum")
 def cumsum(dev, a, x, axis):
-    axis = S(axis)
-    axis = axis[0] if isinstance(axis, list) else axis
+    axis = one_int(axis, "CumSum axis")
     src = f32(x) if x.dtype.is_floating_point else x
     if a.get("reverse", 0):
         src = src.flip(axis)
@@ -442,8 +464,7 @@ def cumsum(dev, a, x, axis):
 
 @op("Trilu")
 def trilu(dev, a, x, k=None):
-    k = S(k) if k is not None else 0
-    k = k[0] if isinstance(k, list) else k
+    k = one_int(k, "Trilu k") if k is not None else 0
     return torch.triu(x, k) if a.get("upper", 1) else torch.tril(x, k)
 
 
@@ -453,6 +474,7 @@ def trilu(dev, a, x, k=None):
 def gather_host(a, data, idx):
     if not isinstance(data, list) or a.get("axis", 0) != 0:
         return NotImplemented
+    index_list(idx, "Gather indices")
     return bmap(lambda i: data[i], idx)
 
 
@@ -510,9 +532,9 @@ def slice_bounds(size, start, end, step):
 
 
 def slice_args(starts, ends, axes, steps):
-    starts, ends = as_list(S(starts)), as_list(S(ends))
-    axes = as_list(S(axes)) if axes is not None else list(range(len(starts)))
-    steps = as_list(S(steps)) if steps is not None else [1] * len(starts)
+    starts, ends = index_list(starts, "Slice starts"), index_list(ends, "Slice ends")
+    axes = index_list(axes, "Slice axes") if axes is not None else list(range(len(starts)))
+    steps = index_list(steps, "Slice steps") if steps is not None else [1] * len(starts)
     return zip(starts, ends, axes, steps)
 
 
@@ -568,7 +590,7 @@ def reshape_host(a, x, target):
 
 @op("Reshape", host=reshape_host)
 def reshape(dev, a, x, target):
-    x, target = T(x, dev), as_list(S(target))
+    x, target = T(x, dev), index_list(target, "Reshape shape")
     if not a.get("allowzero", 0):
         target = [x.shape[i] if d == 0 else d for i, d in enumerate(target)]
     return x.reshape(target)
@@ -596,7 +618,7 @@ def unsqueeze_host(a, x, axes=None):
 @op("Unsqueeze", host=unsqueeze_host)
 def unsqueeze(dev, a, x, axes=None):
     x = T(x, dev)
-    axes = as_list(S(axes) if axes is not None else a.get("axes"))
+    axes = index_list(axes if axes is not None else a.get("axes"), "Unsqueeze axes")
     rank = x.dim() + len(axes)
     for ax in sorted(axis_of(i, rank) for i in axes):
         x = x.unsqueeze(ax)
@@ -613,7 +635,7 @@ def squeeze_host(a, x, axes=None):
 @op("Squeeze", host=squeeze_host)
 def squeeze(dev, a, x, axes=None):
     x = T(x, dev)
-    axes = S(axes) if axes is not None else a.get("axes")
+    axes = index_list(axes, "Squeeze axes") if axes is not None else a.get("axes")
     if axes is None:
         return x.squeeze()
     return x.squeeze(tuple(axis_of(i, x.dim()) for i in as_list(axes)))
@@ -634,7 +656,7 @@ def concat(dev, a, *xs):
 @op("Split")
 def split(dev, a, x, sizes=None):
     axis = axis_of(a.get("axis", 0), x.dim())
-    sizes = as_list(S(sizes)) if sizes is not None else a.get("split")
+    sizes = index_list(sizes, "Split sizes") if sizes is not None else a.get("split")
     if sizes is None:
         n = a.get("num_outputs") or a["_nout"]
         sizes = -(-x.shape[axis] // n)  # ceil: equal chunks, the last one smaller
@@ -642,7 +664,7 @@ def split(dev, a, x, sizes=None):
 
 
 def expand_host(a, x, target):
-    target = as_list(target)
+    target = index_list(target, "Expand shape")
     if isinstance(x, list) and len(x) > 1:
         return x if len(target) == 1 and target[0] in (1, len(x)) else NotImplemented
     if len(target) > 1:
@@ -656,18 +678,18 @@ def expand_host(a, x, target):
 @op("Expand", host=expand_host)
 def expand(dev, a, x, target):
     x = T(x, dev)
-    target = as_list(S(target))
+    target = index_list(target, "Expand shape")
     return x.expand(torch.broadcast_shapes(tuple(x.shape), tuple(target)))
 
 
 @op("Tile")
 def tile(dev, a, x, repeats):
-    return T(x, dev).repeat(as_list(S(repeats)))
+    return T(x, dev).repeat(index_list(repeats, "Tile repeats"))
 
 
 def constant_of_shape_host(a, target):
     value, dtype = a["_fill"]
-    target = as_list(target)
+    target = index_list(target, "ConstantOfShape shape")
     if dtype.is_floating_point or len(target) > 1:
         return NotImplemented
     if not target:
@@ -678,12 +700,21 @@ def constant_of_shape_host(a, target):
 @op("ConstantOfShape", host=constant_of_shape_host)
 def constant_of_shape(dev, a, target):
     value, dtype = a["_fill"]
-    return torch.full(as_list(S(target)), value, dtype=dtype, device=dev)
+    return torch.full(index_list(target, "ConstantOfShape shape"), value, dtype=dtype, device=dev)
+
+
+def scalar(x, name: str):
+    """A host value that must be one number (a list of one is taken as its element)."""
+    if isinstance(x, list):
+        if len(x) != 1:
+            raise ValueError(f"{name} must be a scalar, got {len(x)} values")
+        return x[0]
+    return x
 
 
 @op("Range")
 def range_(dev, a, start, limit, delta):
-    start, limit, delta = S(start), S(limit), S(delta)
+    start, limit, delta = scalar(S(start), "start"), scalar(S(limit), "limit"), scalar(S(delta), "delta")
     dtype = host_dtype([start]) if not any(isinstance(v, float) for v in (start, limit, delta)) else torch.float32
     return torch.arange(start, limit, delta, dtype=dtype, device=dev)
 
@@ -717,7 +748,7 @@ def host_or_tensor(t: torch.Tensor):
 
 
 def attributes(node: ir.Node, opset: int) -> dict:
-    out = {"_op": node.op_type, "_opset": opset, "_nout": len(node.outputs)}
+    out = {"_op": node.op_type, "_name": node.name, "_opset": opset, "_nout": len(node.outputs)}
     for name, attr in node.attributes.items():
         value = attr.value
         if isinstance(value, ir.TensorProtocol):
@@ -924,21 +955,25 @@ class OnnxModule(nn.Module):
         for name, (base, transposed) in self.tied.items():
             env[name] = env[base].t() if transposed else env[base]
         env.update(self._bind(args, kwargs, dev))
-        for (fn, host, ins, outs, a), drop in zip(self._steps, self._drops):
-            xs = [env[n] if n is not None else None for n in ins]
-            result = NotImplemented
-            if host is not None and all(not isinstance(x, torch.Tensor) for x in xs):
-                result = host(a, *xs)
-            if result is NotImplemented:
-                result = fn(dev, a, *xs)
-            if len(outs) == 1:
-                env[outs[0]] = result
-            else:
-                for n, r in zip(outs, result):
-                    if n is not None:
-                        env[n] = r
-            for n in drop:
-                del env[n]
+        a = None
+        try:
+            for (fn, host, ins, outs, a), drop in zip(self._steps, self._drops):
+                xs = [env[n] if n is not None else None for n in ins]
+                result = NotImplemented
+                if host is not None and all(not isinstance(x, torch.Tensor) for x in xs):
+                    result = host(a, *xs)
+                if result is NotImplemented:
+                    result = fn(dev, a, *xs)
+                if len(outs) == 1:
+                    env[outs[0]] = result
+                else:
+                    for n, r in zip(outs, result):
+                        if n is not None:
+                            env[n] = r
+                for n in drop:
+                    del env[n]
+        except RUN_ERRORS as e:
+            raise OnnxgrowError(f"the torch bridge could not run {node_label(a)}: {one_line(e)}") from None
         return {n: T(env[n], dev) for n in self.output_names}
 
     def _bind(self, args, kwargs, dev) -> dict:
@@ -960,6 +995,16 @@ class OnnxModule(nn.Module):
                 value = torch.from_numpy(value)
             out[name] = value.to(dev) if isinstance(value, torch.Tensor) and value.device != dev else value
         return out
+
+
+def node_label(a: dict | None) -> str:
+    if a is None:
+        return "the graph"
+    return f"node {a['_name']!r} ({a['_op']})" if a.get("_name") else f"a {a['_op']} node"
+
+
+def one_line(error: Exception) -> str:
+    return " ".join(str(error).split())[:400] or type(error).__name__
 
 
 def constant_value(node: ir.Node) -> torch.Tensor:

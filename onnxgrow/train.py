@@ -197,7 +197,10 @@ class LanguageModel:
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         out = next(iter(self.module(**self.feeds(ids)).values()))
-        last = out.shape[-1]
+        last = out.shape[-1] if out.dim() else None
+        if out.dim() < 2 or math.prod(out.shape[:-1]) != ids.numel():  # one row of logits per token
+            raise OnnxgrowError(f"the model's first output has shape {list(out.shape)} for {list(ids.shape)} "
+                                f"token ids: not one row per token")
         if last == self.vocab and (self.has_head or last != self.hidden):
             return out
         if last == self.hidden:  # an encoder without its head: tie one to the token embedding
