@@ -399,6 +399,15 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def merge(paths: list[Path]) -> dict:
+    """One report from runs of separate groups (same setting and source; later runs win)."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    merged = dict(reports[0], runs=[{k: r[k] for k in ("commit", "date", "config", "tuning")} for r in reports])
+    for key in ("results", "curves"):
+        merged[key] = {k: v for r in reports for k, v in r[key].items()}
+    return merged
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
@@ -407,7 +416,17 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--lrs-random", default=None, help="comma list: the random arms' learning-rate grid")
     parser.add_argument("--lrs-grown", default=None, help="comma list: the grown arms' learning-rate grid")
+    parser.add_argument("--merge", nargs="+", type=Path, default=None,
+                        help="instead of running: merge these growth.json files into WORKDIR")
     args = parser.parse_args(argv)
+    if args.merge:
+        report = merge(args.merge)
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        (args.workdir / "growth.json").write_text(json.dumps(report, indent=1))
+        (args.workdir / "growth.md").write_text(table(report))
+        plot(report, args.workdir / "growth.png")
+        print(table(report))
+        return
     for arg, key in ((args.lrs_random, "lrs_random"), (args.lrs_grown, "lrs_grown")):
         if arg:
             SETTINGS[args.setting] = replace(SETTINGS[args.setting], **{key: tuple(float(x) for x in arg.split(","))})
