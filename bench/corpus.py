@@ -1,4 +1,4 @@
-"""Real text that installs offline: the docstrings of the Python standard library.
+"""Real text that installs offline: the docstrings and sources of the Python standard library.
 
 Written by CPython's authors, not by us, and present on every machine with Python. Used as
 calibration and held-out text by the benchmarks and the subclone tests.
@@ -44,3 +44,17 @@ def sentences(min_words: int = 6, max_chars: int = 2_000_000) -> list[str]:
 def write_text(path: Path, max_chars: int = 2_000_000) -> Path:
     path.write_text("\n\n".join(stdlib_docstrings(max_chars)))
     return path
+
+
+def python_sources(site_packages: bool = False) -> list[Path]:
+    """The standard library's .py files without its tests (and, if asked, every installed package's)."""
+    roots = [Path(sysconfig.get_paths()["stdlib"])]
+    if site_packages:
+        roots.append(Path(sysconfig.get_paths()["purelib"]))
+    files = []
+    for root in roots:
+        for p in sorted(root.rglob("*.py")):
+            parts = set(p.relative_to(root).parts)
+            if not parts & {"test", "tests"} and (site_packages or "site-packages" not in parts):
+                files.append(p)
+    return files

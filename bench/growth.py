@@ -37,7 +37,6 @@ import platform
 import random
 import subprocess
 import sys
-import sysconfig
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -48,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from corpus import write_text  # noqa: E402
+from corpus import python_sources, write_text  # noqa: E402
 from onnxgrow import api, modelio  # noqa: E402
 from onnxgrow.subclone import randomized, subclone_ir  # noqa: E402
 
@@ -103,19 +102,6 @@ GROUPS = {"width": WIDTH, "depth": DEPTH, "both": BOTH, "subclone": SUBCLONE}
 
 
 # --- data and the source model ------------------------------------------------------------------------
-
-
-def python_sources(site_packages: bool) -> list[Path]:
-    roots = [Path(sysconfig.get_paths()["stdlib"])]
-    if site_packages:
-        roots.append(Path(sysconfig.get_paths()["purelib"]))
-    files = []
-    for root in roots:
-        for p in sorted(root.rglob("*.py")):
-            parts = set(p.relative_to(root).parts)
-            if not parts & {"test", "tests"} and (site_packages or "site-packages" not in parts):
-                files.append(p)
-    return files
 
 
 def write_corpus(path: Path, setting: Setting) -> dict:

@@ -19,31 +19,6 @@ from .errors import OnnxgrowError
 from .validate import open_session, plan_inputs, run_model
 
 
-def load_tokens(path: Path, tokenizer: Path | None = None, use_bytes: bool = False) -> np.ndarray:
-    path = Path(path)
-    if not path.is_file():
-        raise OnnxgrowError(f"no such calibration file: {path}")
-    if path.suffix == ".npy":
-        try:
-            ids = np.load(path, allow_pickle=False)
-        except Exception as e:
-            raise OnnxgrowError(f"{path} is not a readable .npy array ({type(e).__name__})") from None
-        if ids.dtype.kind not in "iu":
-            raise OnnxgrowError(f"{path} holds {ids.dtype} values, not token ids")
-        return ids.reshape(-1).astype(np.int64)
-    if use_bytes:
-        return np.frombuffer(path.read_bytes(), dtype=np.uint8).astype(np.int64)
-    if tokenizer is None:
-        raise OnnxgrowError("text calibration data needs --tokenizer tokenizer.json (or --bytes)")
-    from tokenizers import Tokenizer
-    try:
-        tok = Tokenizer.from_file(str(tokenizer))
-    except Exception as e:
-        raise OnnxgrowError(f"cannot read tokenizer {tokenizer}: {str(e).splitlines()[0]}") from None
-    text = path.read_text(errors="replace")
-    return np.array(tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
-
-
 def windows(tokens: np.ndarray, seq: int, count: int) -> np.ndarray:
     """`count` windows of `seq` tokens, evenly spread over the stream."""
     if len(tokens) < seq:

@@ -208,6 +208,7 @@ def subclone(model: Path = typer.Argument(..., help="source ONNX model (the larg
 
     from . import calibrate
     from .subclone import subclone_ir
+    from .tokens import load_tokens
     source = modelio.load(model)
     before = api.load_structure(source)
     source_config = before.config()  # now: the rewrite happens in place
@@ -217,7 +218,7 @@ def subclone(model: Path = typer.Argument(..., help="source ONNX model (the larg
                                 "(or --allow-random-calib to rank on random token ids)")
         tokens = np.random.default_rng(0).integers(0, before.vocab.size, samples * seq * 2)
     else:
-        tokens = calibrate.load_tokens(calib, tokenizer, use_bytes)
+        tokens = load_tokens(calib, tokenizer, use_bytes)
     if tokens.size and tokens.max() >= before.vocab.size:
         raise OnnxgrowError(f"calibration ids reach {tokens.max()}, beyond the vocabulary of {before.vocab.size}")
     split = int(len(tokens) * 0.9)
