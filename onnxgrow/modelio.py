@@ -60,6 +60,53 @@ def load(path: str | os.PathLike) -> ir.Model:
     return model
 
 
+def as_ir(model, *, copy: bool = True) -> ir.Model:
+    """A path, an onnx.ModelProto or an onnx-ir Model, as an onnx-ir Model.
+
+    A path is loaded (and checked, see above); a proto is wrapped. An onnx-ir Model is copied unless
+    `copy=False` (callers that rewrite in place and own the model); a copy keeps reading its external
+    data from the original's folder.
+    """
+    if isinstance(model, (str, os.PathLike)):
+        return load(model)
+    if isinstance(model, onnx.ModelProto):
+        return ir.from_proto(model)
+    if isinstance(model, ir.Model):
+        if not copy:
+            return model
+        duplicate = ir.from_proto(ir.to_proto(model))
+        # external tensors are read relative to the model's folder, which the proto does not carry
+        base = next((v.const_value.base_dir for v in model.graph.initializers.values()
+                     if isinstance(v.const_value, ir.ExternalTensor)), None)
+        if base is not None:
+            ir.external_data.set_base_dir(duplicate.graph, base)
+        return duplicate
+    raise OnnxgrowError(f"expected a model path, onnx.ModelProto or onnx_ir.Model, got {type(model).__name__}")
+
+
+def as_proto(model) -> onnx.ModelProto:
+    """A private ModelProto copy of a path, proto or onnx-ir model, with its weights in memory."""
+    if isinstance(model, (str, os.PathLike)):
+        if not Path(model).is_file():
+            raise OnnxgrowError(f"no such file: {model}")
+        try:
+            return onnx.load(str(model))
+        except Exception as e:  # protobuf's parse errors say nothing useful to a user
+            raise OnnxgrowError(f"{model} is not a readable ONNX model") from e
+    if isinstance(model, onnx.ModelProto):
+        duplicate = onnx.ModelProto()
+        duplicate.CopyFrom(model)
+        return duplicate
+    if isinstance(model, ir.Model):
+        return ir.to_proto(model)
+    raise OnnxgrowError(f"expected a model path, onnx.ModelProto or onnx_ir.Model, got {type(model).__name__}")
+
+
+def same_kind(result: ir.Model, given):
+    """`result` in the form the caller gave its model in: a ModelProto for a path or a proto."""
+    return result if isinstance(given, ir.Model) else ir.to_proto(result)
+
+
 # --- the protobuf, before anything uses it ----------------------------------------------------------------
 
 
