@@ -24,7 +24,11 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
+
+from onnxgrow.blocks import block_graphs
+from onnxgrow.structure import TransformerSpec, load_structure
 
 OPSET = 17
 IR_VERSION = 8  # what opset 17 needs; old enough for every ONNX Runtime the project supports
@@ -179,3 +183,50 @@ def run(model: onnx.ModelProto, ids: np.ndarray) -> np.ndarray:
     options.log_severity_level = 3
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, {"input_ids": ids})[0]
+
+
+# --- reading results back ---------------------------------------------------------------------
+
+
+def assert_close_to_scale(new: np.ndarray, ref: np.ndarray, rel: float = 1e-5, atol: float = 1e-6) -> None:
+    """Equal up to float32 rounding, measured against the size of the reference output."""
+    assert new.shape == ref.shape
+    worst = float(np.abs(new - ref).max())
+    bound = rel * float(np.abs(ref).max()) + atol
+    assert worst <= bound, f"max |diff| {worst:.3g} > {bound:.3g}"
+
+
+def structure(proto: onnx.ModelProto) -> TransformerSpec:
+    return load_structure(ir.from_proto(proto))
+
+
+def arrays(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+
+
+def block_initializers(spec: TransformerSpec) -> list[list[ir.Value]]:
+    """Per block, the initializers its nodes read, in node order."""
+    result = []
+    for block in block_graphs(spec):
+        seen: list[ir.Value] = []
+        for node in block.nodes:
+            for v in node.inputs:
+                if v is not None and v.is_initializer() and all(v is not s for s in seen):
+                    seen.append(v)
+        result.append(seen)
+    return result
+
+
+def block_arrays(proto: onnx.ModelProto) -> list[list[np.ndarray]]:
+    return [[v.const_value.numpy() for v in values] for values in block_initializers(structure(proto))]
+
+
+def copy_map(new: np.ndarray, old: np.ndarray, axis: int) -> np.ndarray:
+    """For each slice of `new` along `axis`, the index of the equal slice of `old` (-1: none)."""
+    new_slices = np.moveaxis(new, axis, 0).reshape(new.shape[axis], -1)
+    old_slices = np.moveaxis(old, axis, 0).reshape(old.shape[axis], -1)
+    found = []
+    for s in new_slices:
+        equal = np.nonzero((old_slices == s).all(axis=1))[0]
+        found.append(int(equal[0]) if len(equal) == 1 else -1)
+    return np.array(found)
