@@ -196,6 +196,14 @@ def assert_close_to_scale(new: np.ndarray, ref: np.ndarray, rel: float = 1e-5, a
     assert worst <= bound, f"max |diff| {worst:.3g} > {bound:.3g}"
 
 
+def private_copy(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy to hand to code that may write through to the proto's tensors (see test_passes:
+    deepen renames the caller's initializers)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    return copy
+
+
 def structure(proto: onnx.ModelProto) -> TransformerSpec:
     return load_structure(ir.from_proto(proto))
 
