@@ -57,7 +57,8 @@ def test_finds_each_weight_in_its_role(name):
         assert [weight(n) for n in (att.q_proj, att.k_proj, att.v_proj, att.o_proj)] == [
             f"blocks.{i}.attn.{p}.weight" for p in "qkvo"]
         assert not att.fused_qkv
-        assert (weight(ffn.up), weight(ffn.down), ffn.gate) == (f"blocks.{i}.up.weight", f"blocks.{i}.down.weight", None)
+        assert (weight(ffn.up), weight(ffn.down), ffn.gate) == (
+            f"blocks.{i}.up.weight", f"blocks.{i}.down.weight", None)
         assert [n.scale for n in block.norms] == [f"blocks.{i}.ln1.weight", f"blocks.{i}.ln2.weight"]
         assert [n.kind for n in block.norms] == [cfg.norm] * 2
     assert spec.final_norm.scale == "ln_f.weight"
