@@ -70,7 +70,9 @@ def as_ir(model, *, copy: bool = True) -> ir.Model:
     if isinstance(model, (str, os.PathLike)):
         return load(model)
     if isinstance(model, onnx.ModelProto):
-        return ir.from_proto(model)
+        # onnx-ir wraps the proto's tensors without copying them, and a copied block shares its
+        # source's tensor objects: serializing the result would rename tensors in the caller's proto
+        return ir.from_proto(as_proto(model)) if copy else ir.from_proto(model)
     if isinstance(model, ir.Model):
         if not copy:
             return model
