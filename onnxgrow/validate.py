@@ -36,19 +36,16 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from . import modelio
+from . import tolerance as tol
 from .errors import NOT_PRESERVED, OnnxgrowError
 
 DEFAULT_SHAPES = ((1, 5), (2, 9), (3, 16))
 IO_MAP_KEY = "onnxgrow.io_map"
 IO_NAMES_KEY = "onnxgrow.io_names"  # renamed inputs/outputs (deepened or pruned KV caches)
 
-# Default tolerance on the max abs difference, by the dtype the outputs are compared in. Float32
-# rewrites that only reorder sums stay far below 1e-4 on small activations; half precisions round
-# each op's result, so they need room for a few ulps of drift through the layers. A float output of a
-# model that stores its weights in a half type (float16 weights behind Casts in a float32 graph) gets
-# the weights' tolerance: a rewrite that scales them (HyperCloning's 1/3) rounds to that type.
-DEFAULT_TOLERANCE = {"float64": 1e-4, "float32": 1e-4, "float16": 1e-2, "bfloat16": 3e-2}
-TOLERANCE_NOTE = "default by dtype: float32 1e-4, float16 1e-2, bfloat16 3e-2"
+# Tolerances: onnxgrow/tolerance.py (one rule per dtype, relative to each output's scale). A float
+# output of a model that stores its weights in a half type (float16 weights behind Casts in a float32
+# graph) gets the weights' rule: a rewrite that scales them (HyperCloning's 1/3) rounds to that type.
 
 FALLBACK_VOCAB = 100  # token ids for a model whose embedding table could not be found
 TYPE_TABLE_MAX_ROWS = 16  # a small table indexed by an int input holds token types, not positions
@@ -491,7 +488,8 @@ class OutputCheck:
     name: str
     shape: tuple  # the source output's shape in the last case
     dtype: str  # the lower precision of source and target: the one the tolerance is for
-    tolerance: float
+    rule: tol.Tolerance
+    scale: float = 0.0  # max |source| over the cases and compared entries: what rtol is relative to
     max_abs_diff: float = 0.0
     # max |target - source| / (max |source| + 1e-6): the worst error relative to the output's scale.
     # Elementwise ratios are not used because they explode on entries near zero and say nothing there.
@@ -501,8 +499,15 @@ class OutputCheck:
     copies_max_abs: float | None = None  # only for outputs the io map widened
     note: str = ""  # why the output could not be compared
     weights_dtype: str | None = None  # set when the models' weight dtype, not `dtype`, set the tolerance
+    # mapped axis -> [source indices compared, source size]: less than all only for a shrunk target
+    indices_compared: dict[int, list[int]] = field(default_factory=dict)
     _top1_hits: int = field(default=0, repr=False)
     _top1_total: int = field(default=0, repr=False)
+
+    @property
+    def tolerance(self) -> float:
+        """The abs difference allowed on this output: atol + rtol * scale."""
+        return self.rule.bound(self.scale)
 
     @property
     def passed(self) -> bool:
@@ -511,10 +516,12 @@ class OutputCheck:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "tolerance": self.tolerance,
+                "atol": self.rule.atol, "rtol": self.rule.rtol, "scale": _json_float(self.scale),
                 "max_abs_diff": _json_float(self.max_abs_diff), "max_rel_diff": _json_float(self.max_rel_diff),
                 "cosine": _json_float(self.cosine), "top1_agreement": _json_float(self.top1_agreement),
                 "copies_max_abs": _json_float(self.copies_max_abs), "note": self.note or None,
-                "weights_dtype": self.weights_dtype, "passed": self.passed}
+                "weights_dtype": self.weights_dtype,
+                "indices_compared": {str(a): n for a, n in self.indices_compared.items()}, "passed": self.passed}
 
 
 def _json_float(x: float | None):
@@ -545,38 +552,57 @@ def _is_floating(dtype: np.dtype) -> bool:
     return dtype.kind == "f" or dtype == ml_dtypes.bfloat16  # numpy files bfloat16 under kind "V"
 
 
-def _tolerance_for(*dtypes: np.dtype) -> tuple[str, float]:
-    """The loosest default tolerance among the dtypes, and that dtype's name."""
-    named = [(str(d), DEFAULT_TOLERANCE.get(str(d), 0.0)) for d in dtypes]  # ints and bools must match
-    return max(named, key=lambda item: item[1])
+def new_check(name: str, expected: np.ndarray, got: np.ndarray, weights: str | None,
+              given: float | None) -> OutputCheck:
+    """An output's check with its rule: given by the user, else by the lower precision of the two
+    outputs, or of the weights when those are stored in a lower one (and the output is float)."""
+    dtype, rule = tol.loosest(str(expected.dtype), str(got.dtype))
+    by_weights = None
+    if given is not None:
+        rule = tol.given(given)
+    elif rule != tol.EXACT and weights and tol.looser(tol.by_dtype(weights), rule):
+        by_weights, rule = weights, tol.by_dtype(weights)
+    return OutputCheck(name, expected.shape, dtype, rule, weights_dtype=by_weights)
 
 
 def weights_dtype(*models: ir.Model) -> str | None:
     """The lowest precision any of the models stores a weight in (a float initializer of rank >= 2,
-    wherever a Cast takes it afterwards), by the name DEFAULT_TOLERANCE uses."""
+    wherever a Cast takes it afterwards), by the names onnxgrow.tolerance uses."""
     found = set()
     for model in models:
         for v in model.graph.initializers.values():
             t = v.const_value
             if t is not None and len(t.shape) >= 2 and t.dtype.is_floating_point():
-                found.add(str(np.dtype(t.dtype.numpy())))
-    return max((d for d in found if d in DEFAULT_TOLERANCE), key=DEFAULT_TOLERANCE.get, default=None)
+                name = str(np.dtype(t.dtype.numpy()))
+                if name in tol.BY_DTYPE:
+                    found.add(name)
+    return tol.loosest(*found)[0] if found else None
 
 
-def _kept_slices(source: np.ndarray, axes: dict[int, np.ndarray]) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-    """A shrunk target (subclone) keeps some source slices: compare on those only."""
+def _kept_slices(source: np.ndarray, axes: dict[int, np.ndarray], check: OutputCheck,
+                 partial_ok: bool) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """A shrunk target (subclone) keeps some source slices: compare on those only. Any other target
+    must keep every source index, or the comparison would silently skip what the map leaves out."""
     axes = dict(axes)
     for axis, index in axes.items():
+        if axis >= source.ndim:
+            continue
         kept = np.unique(index[index >= 0])
-        if axis < source.ndim and len(kept) < source.shape[axis]:
+        check.indices_compared[axis] = [int(len(kept)), int(source.shape[axis])]
+        if len(kept) < source.shape[axis]:
+            if not partial_ok:
+                missing = sorted(set(range(source.shape[axis])) - set(kept.tolist()))
+                check.note = (f"the io map of axis {axis} covers {len(kept)} of {source.shape[axis]} source "
+                              f"indices (first missing: {missing[0]}); only a subclone may drop indices")
             source = np.take(source, kept, axis=axis)
             axes[axis] = np.where(index >= 0, np.searchsorted(kept, index), -1)
     return source, axes
 
 
-def _compare(check: OutputCheck, target: np.ndarray, source: np.ndarray, axes: dict[int, np.ndarray]) -> None:
+def _compare(check: OutputCheck, target: np.ndarray, source: np.ndarray, axes: dict[int, np.ndarray],
+             partial_ok: bool = False) -> None:
     check.shape = source.shape
-    source, axes = _kept_slices(source, axes)
+    source, axes = _kept_slices(source, axes, check, partial_ok)
     _check_map_fits(target, axes, check.name)
     expected_shape = tuple(len(axes[a]) if a in axes else n for a, n in enumerate(source.shape))
     if target.shape != expected_shape:
@@ -592,6 +618,7 @@ def _compare(check: OutputCheck, target: np.ndarray, source: np.ndarray, axes: d
     max_abs = float(diff.max(initial=0.0))
     finite = np.abs(source[np.isfinite(source)].astype(np.float64))
     scale = float(finite.max(initial=0.0))
+    check.scale = max(check.scale, scale)
     check.max_abs_diff = max(check.max_abs_diff, max_abs)
     check.max_rel_diff = max(check.max_rel_diff, max_abs / (scale + 1e-6))
     check.cosine = min(check.cosine, _cosine(target, source)) if check.cosine is not None else None
@@ -601,6 +628,15 @@ def _compare(check: OutputCheck, target: np.ndarray, source: np.ndarray, axes: d
         check._top1_hits += int(hits.sum())
         check._top1_total += int(hits.size)
         check.top1_agreement = check._top1_hits / max(check._top1_total, 1)
+
+
+def shrinks(source_model: ir.Model, target_model: ir.Model) -> bool:
+    """Whether the target was made smaller from the source (a subclone in the steps that lead from
+    one to the other): only then may its io map leave source indices out."""
+    from .metadata import history
+    before, after = history(source_model), history(target_model)
+    steps = after[len(before):] if after[:len(before)] == before else after
+    return any(step.startswith("subclone") for step in steps)
 
 
 # --- the report -----------------------------------------------------------------------------------------
@@ -625,9 +661,9 @@ class Report:
         return 0 if self.passed else NOT_PRESERVED
 
     @property
-    def tolerances(self) -> dict[str, float]:
-        """The tolerance used for each dtype the outputs were compared in."""
-        return {o.dtype: o.tolerance for o in self.outputs}
+    def tolerances(self) -> dict[str, dict[str, float]]:
+        """The rule ({"atol", "rtol"}) used for each dtype the outputs were compared in."""
+        return {o.dtype: {"atol": o.rule.atol, "rtol": o.rule.rtol} for o in self.outputs}
 
     def to_dict(self) -> dict:
         return {"passed": self.passed, "exit_code": self.exit_code, "source": self.source, "target": self.target,
@@ -641,9 +677,9 @@ class Report:
         from rich.table import Table
 
         console.print(f"[bold]{escape(self.source)}[/] -> [bold]{escape(self.target)}[/] on {self.provider}, "
-                      f"{len(self.cases)} input case(s); dtype and tolerance: {escape(self.tolerance_note)}")
+                      f"{len(self.cases)} input case(s); tolerance {escape(self.tolerance_note)}")
         show_copies = any(o.copies_max_abs is not None for o in self.outputs)
-        show_dtype = len({(o.dtype, o.tolerance) for o in self.outputs}) > 1  # else the line above says it
+        show_dtype = len({(o.dtype, o.rule) for o in self.outputs}) > 1  # else the line above says it
         # no vertical rules and a whole name column: KV-cache models have many long output names
         table = Table(show_header=True, header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False,
                       collapse_padding=True)
@@ -651,15 +687,14 @@ class Report:
         table.add_column("shape", overflow="fold")
         if show_dtype:
             table.add_column("dtype", no_wrap=True)
-            table.add_column("tol", justify="right", no_wrap=True)
-        for column in ("max abs", "max rel", "cosine", "top-1") + (("copies",) if show_copies else ()):
+        for column in ("tol", "max abs", "max rel", "cosine", "top-1") + (("copies",) if show_copies else ()):
             table.add_column(column, justify="right", no_wrap=True)
         table.add_column("verdict")
         for o in self.outputs:
             row = [escape(o.name), "x".join(map(str, o.shape))]
             if show_dtype:
-                row += [o.dtype + (f" ({o.weights_dtype} weights)" if o.weights_dtype else ""), _tol(o.tolerance)]
-            row += [_fmt(o.max_abs_diff), _fmt(o.max_rel_diff),
+                row.append(o.dtype + (f" ({o.weights_dtype} weights)" if o.weights_dtype else ""))
+            row += [_tol(o.tolerance), _fmt(o.max_abs_diff), _fmt(o.max_rel_diff),
                    "-" if o.cosine is None else f"{o.cosine:.6f}",
                    "-" if o.top1_agreement is None else f"{o.top1_agreement:.1%}"]
             if show_copies:
@@ -674,38 +709,30 @@ class Report:
 
 
 def _why(o: OutputCheck) -> str:
+    bound = f"tolerance {_tol(o.tolerance)} ({o.rule.describe()}, max|source| {_fmt(o.scale)})"
     if not o.max_abs_diff <= o.tolerance:
-        return f"max abs diff {_fmt(o.max_abs_diff)} > tolerance {o.tolerance:g}"
-    return f"a duplicated slice differs from its source by {_fmt(o.copies_max_abs)} > tolerance {o.tolerance:g}"
+        return f"max abs diff {_fmt(o.max_abs_diff)} > {bound}"
+    return f"a duplicated slice differs from its source by {_fmt(o.copies_max_abs)} > {bound}"
 
 
 def _fmt(x: float) -> str:
     return f"{x:.1e}" if math.isfinite(x) else str(x)
 
 
-def _tol(x: float) -> str:
-    """A tolerance the way it is written by hand: 1e-4, 3e-2, 2.5e-3."""
-    if not math.isfinite(x) or x == 0:
-        return f"{x:g}"
-    mantissa, exponent = f"{x:e}".split("e")
-    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+_tol = tol.short
 
 
 def tolerance_note(outputs: list[OutputCheck], given: float | None) -> str:
-    """Which dtype(s) the outputs were compared in and the tolerance each got, e.g.
-    "float16 1e-2 (default for float16)", "float32 1e-2 (default for float16 weights)" or
-    "float16 1e-2, float32 1e-4 (defaults by dtype)"."""
-    used = list({(o.dtype, o.tolerance, o.weights_dtype): None for o in outputs})
+    """The rule each dtype's outputs were held to, e.g. "float32: max abs diff <= 1e-6 + 1e-5 x
+    max|source| (default for float32)" or "float32: max abs diff <= 1e-2 (given)"."""
+    used = list({(o.dtype, o.rule, o.weights_dtype): None for o in outputs})
     if not used:
-        return TOLERANCE_NOTE if given is None else f"{_tol(given)} (given)"
-    text = ", ".join(f"{dtype} {_tol(tol)}" + (f" ({weights} weights)" if weights and len(used) > 1 else "")
-                     for dtype, tol, weights in used)
-    if given is not None:
-        return f"{text} (given)"
-    if len(used) > 1:
-        return f"{text} (defaults by dtype)"
-    dtype, _, weights = used[0]
-    return f"{text} (default for {weights} weights)" if weights else f"{text} (default for {dtype})"
+        return tol.given(given).describe() if given is not None else "by dtype (onnxgrow.tolerance)"
+    parts = []
+    for dtype, rule, weights in used:
+        why = "" if rule.given else f" (default for {weights} weights)" if weights else f" (default for {dtype})"
+        parts.append(f"{dtype}: {rule.describe()}{why}")
+    return "; ".join(parts)
 
 
 # --- validate ---------------------------------------------------------------------------------------------
@@ -743,6 +770,7 @@ def validate(source: Path, target: Path, *, provider: str = "auto", inputs: Path
     compared = {t: s for t, s in compared.items() if s is not None}
     checks: dict[str, OutputCheck] = {}
     weights = weights_dtype(source_model, target_model)
+    partial_ok = shrinks(source_model, target_model)
     for feeds in cases:
         expected = run_model(source_session, feeds)
         target_feeds = {name: map_input(feeds[src], io_map["inputs"].get(name, {}), name)
@@ -750,14 +778,8 @@ def validate(source: Path, target: Path, *, provider: str = "auto", inputs: Path
         got = run_model(target_session, target_feeds)
         for name, src in compared.items():
             if name not in checks:
-                dtype, default = _tolerance_for(expected[src].dtype, got[name].dtype)
-                by_weights = weights if default and weights and DEFAULT_TOLERANCE[weights] > default else None
-                if by_weights:
-                    default = DEFAULT_TOLERANCE[by_weights]
-                checks[name] = OutputCheck(name, expected[src].shape, dtype,
-                                           default if tolerance is None else tolerance,
-                                           weights_dtype=by_weights if tolerance is None else None)
-            _compare(checks[name], got[name], expected[src], io_map["outputs"].get(name, {}))
+                checks[name] = new_check(name, expected[src], got[name], weights, tolerance)
+            _compare(checks[name], got[name], expected[src], io_map["outputs"].get(name, {}), partial_ok)
 
     note = tolerance_note(list(checks.values()), tolerance)
     shapes_fed = [{name: list(array.shape) for name, array in feeds.items()} for feeds in cases]

@@ -42,7 +42,8 @@ from onnxgrow.api import deepen
 from onnxgrow.cli import app
 from onnxgrow.errors import OnnxgrowError
 from onnxgrow.structure import weight_of
-from onnxgrow.validate import DEFAULT_TOLERANCE, IO_MAP_KEY, make_inputs, open_session, validate
+from onnxgrow import tolerance as tol
+from onnxgrow.validate import IO_MAP_KEY, make_inputs, open_session, validate
 
 MODELS = ["gpt2-ts17", "llama-gqa-ts17", "bert-ts17"]
 VARIANTS = ["float16", "bfloat16", "cast16"]
@@ -52,8 +53,8 @@ HALF = {"float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16, "cast1
 NUMPY = {TensorProto.FLOAT16: np.float16, TensorProto.BFLOAT16: ml_dtypes.bfloat16}
 COMPUTE = {"float16": "float16", "bfloat16": "bfloat16", "cast16": "float32"}  # dtype of the outputs
 # validate's default: by the output dtype, or by the weights' dtype when that is less precise (cast16)
-TOLERANCE = {v: DEFAULT_TOLERANCE[HALF_NAME] for v, HALF_NAME in
-             (("float16", "float16"), ("bfloat16", "bfloat16"), ("cast16", "float16"))}
+RULE = {v: tol.BY_DTYPE[half_name] for v, half_name in
+        (("float16", "float16"), ("bfloat16", "bfloat16"), ("cast16", "float16"))}
 IDS = np.random.default_rng(0).integers(0, 500, (8, 16))  # subclone's calibration ids
 runner = CliRunner()
 
@@ -375,7 +376,7 @@ def test_rewrite_matches_the_float32_rewrite(variants, name, variant, method):
             np.testing.assert_array_equal(got, expected, err_msg=t.name)
     report = validate(reference, without_io_map(path), provider="cpu")
     for o in report.outputs:
-        assert (o.dtype, o.tolerance) == (COMPUTE[variant], TOLERANCE[variant])
+        assert (o.dtype, o.rule) == (COMPUTE[variant], RULE[variant])
     assert report.passed, report.to_dict()
     print(f"{name} {variant} {method}: vs float32 rewrite max abs {max(o.max_abs_diff for o in report.outputs):.2e}")
 
@@ -386,12 +387,14 @@ def test_exact_methods_preserve_outputs(variants, name, variant, method):
     skip_unless_ort_runs(source)
     path, _ = variants.rewrite(name, variant, method)
     report = validate(source, path, provider="cpu")
-    assert report.tolerances == {COMPUTE[variant]: TOLERANCE[variant]}
+    rule = RULE[variant]
+    assert report.tolerances == {COMPUTE[variant]: {"atol": rule.atol, "rtol": rule.rtol}}
     assert report.passed, report.to_dict()
     worst = max(max(o.max_abs_diff, o.copies_max_abs or 0.0) for o in report.outputs)
     if variant == "cast16":  # halving float16 weights is exact, and the graph computes in float32
-        assert worst <= DEFAULT_TOLERANCE["float32"]
-    print(f"{name} {variant} {method}: max abs {worst:.2e} (tolerance {TOLERANCE[variant]:g})")
+        assert all(max(o.max_abs_diff, o.copies_max_abs or 0.0) <= tol.BY_DTYPE["float32"].bound(o.scale)
+                   for o in report.outputs)
+    print(f"{name} {variant} {method}: max abs {worst:.2e} ({rule.describe()})")
 
 
 @pytest.mark.parametrize("name, method", [(n, m) for n in MODELS for m in EXACT
@@ -406,7 +409,7 @@ def test_bfloat16_exact_methods_in_torch(variants, name, method):
     source = variants.path(name, "bfloat16")
     path, _ = variants.rewrite(name, "bfloat16", method)
     io_map = json.loads({p.key: p.value for p in onnx.load(path).metadata_props}.get(IO_MAP_KEY, "{}"))
-    worst = 0.0
+    worst = scale = 0.0
     for batch, seq in ((1, 5), (2, 9)):
         feeds = make_inputs(source, batch, seq)
         with torch.no_grad():
@@ -417,8 +420,10 @@ def test_bfloat16_exact_methods_in_torch(variants, name, method):
             for axis, index in io_map.get("outputs", {}).get(out, {}).items():
                 first = [index.index(j) for j in range(expected.shape[int(axis)])]
                 actual = np.take(actual, first, axis=int(axis))
-            worst = max(worst, float(np.abs(actual - expected.float().numpy()).max()))
-    assert worst <= DEFAULT_TOLERANCE["bfloat16"]
+            reference = expected.float().numpy()
+            worst = max(worst, float(np.abs(actual - reference).max()))
+            scale = max(scale, float(np.abs(reference).max()))
+    assert worst <= tol.BY_DTYPE["bfloat16"].bound(scale)
     print(f"{name} bfloat16 {method} (torch bridge): max abs {worst:.2e}")
 
 
@@ -477,13 +482,15 @@ def test_validate_says_which_dtype_and_tolerance(variants, tmp_path):
     path, _ = variants.rewrite("gpt2-ts17", "float16", "hypercloning")
     result = runner.invoke(app, ["validate", str(source), str(path)])
     assert result.exit_code == 0, result.output
-    assert "dtype and tolerance: float16 1e-2 (default for float16)" in flat(result.output)
+    assert "tolerance float16: max abs diff <= 1e-3 + 3.9e-3 x max|source| (default for float16)" in flat(result.output)
     result = runner.invoke(app, ["validate", str(source), str(path), "--json"])
     data = json.loads(result.output)
-    assert data["tolerances"] == {"float16": 0.01} and data["tolerance"] == "float16 1e-2 (default for float16)"
-    assert data["outputs"][0]["dtype"] == "float16" and data["outputs"][0]["tolerance"] == 0.01
+    assert data["tolerances"] == {"float16": {"atol": 1e-3, "rtol": 2**-8}}
+    assert data["tolerance"] == "float16: max abs diff <= 1e-3 + 3.9e-3 x max|source| (default for float16)"
+    first = data["outputs"][0]
+    assert first["dtype"] == "float16" and first["tolerance"] == pytest.approx(1e-3 + 2**-8 * first["scale"])
     given = runner.invoke(app, ["validate", str(source), str(path), "--tolerance", "0.002"])
-    assert "dtype and tolerance: float16 2e-3 (given)" in flat(given.output)
+    assert "tolerance float16: max abs diff <= 2e-3 (given)" in flat(given.output)
 
     # outputs in two dtypes: each gets its own tolerance, and the table says which
     model = onnx.load(variants.path("gpt2-ts17", "ref-float16"))  # float32 weights
@@ -492,20 +499,21 @@ def test_validate_says_which_dtype_and_tolerance(variants, tmp_path):
     mixed = tmp_path / "mixed.onnx"
     onnx.save(model, mixed)
     result = runner.invoke(app, ["validate", str(mixed), str(mixed)])
-    assert "float32 1e-4, float16 1e-2 (defaults by dtype)" in flat(result.output)
+    assert ("float32: max abs diff <= 1e-6 + 1e-5 x max|source| (default for float32); "
+            "float16: max abs diff <= 1e-3 + 3.9e-3 x max|source| (default for float16)") in flat(result.output)
     assert "dtype" in result.output and "float16" in flat(result.output).split("dtype", 2)[-1]  # a column
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_float16_weights_in_a_float32_graph_get_the_float16_tolerance(variants, tmp_path, name):
     """HyperCloning x3 divides float16 weights by 3, which rounds: the float32 outputs then differ
-    by ~1e-4, more than float32's 1e-4 default allows. validate uses the weights' tolerance, so the
+    by ~1e-4, more than float32's rule allows. validate uses the weights' (float16) rule, so the
     exact method is accepted (before, `widen --factor 3` refused to write it)."""
     source = variants.path(name, "cast16")
     out = tmp_path / "wide3.onnx"
     result = runner.invoke(app, ["widen", str(source), "--factor", "3", "-o", str(out)])
     assert result.exit_code == 0, result.output
-    assert "float32 1e-2 (default for float16 weights)" in flat(result.output)
+    assert "float32: max abs diff <= 1e-3 + 3.9e-3 x max|source| (default for float16 weights)" in flat(result.output)
     assert_dtypes_kept(onnx.load(source), onnx.load(out), "cast16")
     report = validate(source, out, provider="cpu")
     assert report.passed and all(o.weights_dtype == "float16" for o in report.outputs)
