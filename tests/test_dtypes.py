@@ -1,14 +1,8 @@
 """Every dtype: float16 and bfloat16 models (weights and activations), and float32 models whose
 weights are stored as float16 behind a Cast.
 
-The variants are made here from the zoo's float32 exports:
-
-- float16 / bfloat16: every float initializer, constant, Cast target and graph I/O type becomes the
-  half type. An op whose schema at the model's opset has no such type (ConstantOfShape below opset
-  20, Cos/Sin below opset 22 for bfloat16) computes in float32 between Casts, as half-precision
-  exports do.
-- cast16: the graph stays float32; every weight is a float16 initializer read through its own
-  Cast(to=FLOAT) node (what mixed-precision exports and weight-compressing converters write).
+The variants (float16, bfloat16, cast16: float16 weights behind Casts) are made from the zoo's float32
+exports by models/variants.py.
 
 For each variant a rewrite must keep every initializer's dtype, every I/O type and every Cast target,
 pass onnx.checker's full (typed) check, and compute what the same rewrite computes on a float32 model
@@ -38,6 +32,9 @@ from typer.testing import CliRunner
 
 import onnxgrow
 from onnxgrow import modelio
+
+from models.variants import HALF, half_tensor
+from models.variants import variant as make_variant
 from onnxgrow.api import deepen
 from onnxgrow.cli import app
 from onnxgrow.errors import OnnxgrowError
@@ -49,8 +46,6 @@ MODELS = ["gpt2-ts17", "llama-gqa-ts17", "bert-ts17"]
 VARIANTS = ["float16", "bfloat16", "cast16"]
 METHODS = ["hypercloning", "fpi", "identity", "stack", "subclone"]
 EXACT = ["hypercloning", "identity"]
-HALF = {"float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16, "cast16": TensorProto.FLOAT16}
-NUMPY = {TensorProto.FLOAT16: np.float16, TensorProto.BFLOAT16: ml_dtypes.bfloat16}
 COMPUTE = {"float16": "float16", "bfloat16": "bfloat16", "cast16": "float32"}  # dtype of the outputs
 # validate's default: by the output dtype, or by the weights' dtype when that is less precise (cast16)
 RULE = {v: tol.BY_DTYPE[half_name] for v, half_name in
@@ -59,98 +54,7 @@ IDS = np.random.default_rng(0).integers(0, 500, (8, 16))  # subclone's calibrati
 runner = CliRunner()
 
 
-# --- making the variants -----------------------------------------------------------------------------
-
-
-def half_tensor(t: onnx.TensorProto, to: int) -> onnx.TensorProto:
-    """`t` in the half type, saturated: float32's -3.4e38 mask fill would otherwise become -inf."""
-    info = ml_dtypes.finfo(NUMPY[to])
-    a = np.clip(numpy_helper.to_array(t), float(info.min), float(info.max)).astype(NUMPY[to])
-    return numpy_helper.from_array(a, t.name)
-
-
-def has_type(node: onnx.NodeProto, opset: int, to: int) -> bool:
-    name = {TensorProto.FLOAT16: "tensor(float16)", TensorProto.BFLOAT16: "tensor(bfloat16)"}[to]
-    schema = onnx.defs.get_schema(node.op_type, opset, node.domain)
-    return any(name in c.allowed_type_strs for c in schema.type_constraints)
-
-
-def to_half(model: onnx.ModelProto, to: int) -> onnx.ModelProto:
-    """The model computing in `to` (float16 or bfloat16)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    g = m.graph
-    opset = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
-    inferred = onnx.shape_inference.infer_shapes(model).graph
-    floats = {v.name for v in list(inferred.value_info) + list(g.input) + list(g.output)
-              if v.type.tensor_type.elem_type == TensorProto.FLOAT}
-    floats |= {t.name for t in g.initializer if t.data_type == TensorProto.FLOAT}
-    for i, t in enumerate(g.initializer):
-        if t.data_type == TensorProto.FLOAT:
-            g.initializer[i].CopyFrom(half_tensor(t, to))
-    nodes, in_f32 = [], {}  # in_f32: value -> its float32 copy
-    for n in g.node:
-        if has_type(n, opset, to):
-            for a in n.attribute:
-                if n.op_type == "Cast" and a.name == "to" and a.i == TensorProto.FLOAT:
-                    a.i = to
-                if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == TensorProto.FLOAT:
-                    a.t.CopyFrom(half_tensor(a.t, to))
-            nodes.append(n)
-            continue
-        after = []  # no kernel type for `to` at this opset: float32 between Casts
-        for k, x in enumerate(n.input):
-            if x in floats:
-                if x not in in_f32:
-                    in_f32[x] = x + "__f32"
-                    nodes.append(helper.make_node("Cast", [x], [in_f32[x]], to=TensorProto.FLOAT))
-                n.input[k] = in_f32[x]
-        for k, y in enumerate(n.output):
-            if y in floats:
-                n.output[k] = in_f32[y] = y + "__f32"
-                after.append(helper.make_node("Cast", [n.output[k]], [y], to=to))
-        nodes += [n] + after
-    del g.node[:]
-    g.node.extend(nodes)
-    for v in list(g.input) + list(g.output):
-        if v.type.tensor_type.elem_type == TensorProto.FLOAT:
-            v.type.tensor_type.elem_type = to
-    del g.value_info[:]
-    return m
-
-
-def is_weight(t: onnx.TensorProto) -> bool:
-    return len(t.dims) >= 1 and int(np.prod(t.dims)) > 1
-
-
-def cast_weights(model: onnx.ModelProto) -> onnx.ModelProto:
-    """float32 graph, float16 weights: each weight W becomes W.fp16 -> Cast(to=FLOAT) -> W."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    g = m.graph
-    casts = []
-    for i, t in enumerate(g.initializer):
-        if t.data_type == TensorProto.FLOAT and is_weight(t):
-            name = t.name
-            g.initializer[i].CopyFrom(half_tensor(t, TensorProto.FLOAT16))
-            g.initializer[i].name = name + ".fp16"
-            casts.append(helper.make_node("Cast", [name + ".fp16"], [name], name=name + ".cast",
-                                          to=TensorProto.FLOAT))
-    nodes = casts + list(g.node)
-    del g.node[:]
-    g.node.extend(nodes)
-    return m
-
-
-def rounded(model: onnx.ModelProto, to: int) -> onnx.ModelProto:
-    """The float32 model with the variant's weights (rounded through `to`, saturated)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for i, t in enumerate(m.graph.initializer):
-        if t.data_type == TensorProto.FLOAT:
-            a = numpy_helper.to_array(half_tensor(t, to)).astype(np.float32)
-            m.graph.initializer[i].CopyFrom(numpy_helper.from_array(a, t.name))
-    return m
+# --- making the variants (models/variants.py) ---------------------------------------------------
 
 
 class Variants:
@@ -163,13 +67,7 @@ class Variants:
         """variant: float16 | bfloat16 | cast16, or ref-float16 / ref-bfloat16 (float32, rounded weights)."""
         key = (name, variant)
         if key not in self.paths:
-            source = onnx.load(self.zoo[name]["file"])
-            if variant == "cast16":
-                model = cast_weights(source)
-            elif variant.startswith("ref-"):
-                model = rounded(source, HALF[variant[4:]])
-            else:
-                model = to_half(source, HALF[variant])
+            model = make_variant(onnx.load(self.zoo[name]["file"]), variant)
             path = self.folder / f"{name}.{variant}.onnx"
             onnx.save(model, path)
             self.paths[key] = path
