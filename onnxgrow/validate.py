@@ -37,10 +37,10 @@ import onnxruntime as ort
 
 from . import modelio
 from .errors import NOT_PRESERVED, OnnxgrowError
+from .metadata import IO_MAP_KEY, IO_NAMES_KEY
+from .views import CASTS, IDS_FORWARD, look_through
 
 DEFAULT_SHAPES = ((1, 5), (2, 9), (3, 16))
-IO_MAP_KEY = "onnxgrow.io_map"
-IO_NAMES_KEY = "onnxgrow.io_names"  # renamed inputs/outputs (deepened or pruned KV caches)
 
 # Default tolerance on the max abs difference, by the dtype the outputs are compared in. Float32
 # rewrites that only reorder sums stay far below 1e-4 on small activations; half precisions round
@@ -52,9 +52,6 @@ TOLERANCE_NOTE = "default by dtype: float32 1e-4, float16 1e-2, bfloat16 3e-2"
 
 FALLBACK_VOCAB = 100  # token ids for a model whose embedding table could not be found
 TYPE_TABLE_MAX_ROWS = 16  # a small table indexed by an int input holds token types, not positions
-
-# Ops that move or relabel ids without changing them: an int input is still "the ids" after these.
-PASS_THROUGH = {"Reshape", "Cast", "CastLike", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand"}
 
 
 # --- running models ------------------------------------------------------------------------------
@@ -170,6 +167,8 @@ def _to_numpy(value: ort.OrtValue) -> np.ndarray:
 
 
 def _one_line(error: Exception) -> str:
+    """The whole message of an ONNX Runtime error on one line. Not errors.first_line: ORT puts the
+    useful part (which node, which shape) on the lines after the first."""
     text = " ".join(str(error).split())  # ORT messages span lines; ours are one line
     text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
     return text[:400] or type(error).__name__
@@ -304,14 +303,15 @@ def _classify_int_input(value: ir.Value, rows: int | None, largest: int | None) 
 
 
 def _forward_uses(value: ir.Value):
-    """Every (node, input index) that reads `value`, directly or through pass-through ops."""
+    """Every (node, input index) that reads `value`, directly or through ops that keep the ids
+    (views.IDS_FORWARD)."""
     stack, seen = [value], set()
     while stack:
         v = stack.pop()
         for node, idx in v.uses():
             yield node, idx
             # only the data operand carries the ids through (not a Reshape's shape, say)
-            if node.op_type in PASS_THROUGH and idx == 0 and id(node) not in seen:
+            if node.op_type in IDS_FORWARD and idx == 0 and id(node) not in seen:
                 seen.add(id(node))
                 stack.extend(node.outputs)
 
@@ -334,18 +334,15 @@ def _table_rows(value: ir.Value) -> int | None:
 def _constant(value: ir.Value | None):
     """The tensor behind `value` when it is a constant, looking through casts (half-precision
     exports store a table in one dtype and gather from a cast of it)."""
-    while value is not None:
-        if value.const_value is not None:
-            return value.const_value
-        node = value.producer()
-        if node is None:
-            return None
-        if node.op_type == "Constant":
-            attribute = node.attributes.get("value")
-            return attribute.value if attribute is not None else None
-        if node.op_type not in ("Cast", "CastLike", "Identity"):
-            return None
-        value = node.inputs[0]
+    if value is None:
+        return None
+    value = look_through(value, CASTS)
+    if value.const_value is not None:
+        return value.const_value
+    node = value.producer()
+    if node is not None and node.op_type == "Constant":
+        attribute = node.attributes.get("value")
+        return attribute.value if attribute is not None else None
     return None
 
 
