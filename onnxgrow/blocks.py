@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import onnx_ir as ir
 
 from .errors import UnsupportedGraph
+from .metadata import IO_MAP_KEY, IO_NAMES_KEY
 from .normalize import unique_name
 from .structure import TransformerSpec, consumers_forward, skip_view, weight_of
 
@@ -265,7 +266,6 @@ def insert_after(graph: ir.Graph, blocks: list[BlockGraph], plan: dict[int, list
 
 
 CACHE_NAME = re.compile(r"^(.*?)(\d+)(\D*)$")  # past_key_values.3.key -> ("past_key_values.", "3", ".key")
-IO_NAMES_KEY = "onnxgrow.io_names"
 
 
 def renumber_caches(graph: ir.Graph, order) -> None:
@@ -299,7 +299,6 @@ def record_io_names(model: ir.Model) -> None:
     names = model.graph.meta.get("onnxgrow_io_names")
     if not names or not (names["inputs"] or names["outputs"] or names.get("dropped")):
         return
-    from .resize import IO_MAP_KEY
     previous = json.loads(model.metadata_props.get(IO_NAMES_KEY, '{"inputs": {}, "outputs": {}}'))
     io_map = json.loads(model.metadata_props.get(IO_MAP_KEY, '{"inputs": {}, "outputs": {}}'))
     composed = {"inputs": {}, "outputs": {}}

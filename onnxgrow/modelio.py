@@ -22,7 +22,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from .errors import OnnxgrowError
+from .errors import OnnxgrowError, first_line
 from .singlefile import merge_external
 
 TWO_GB = 2**31
@@ -51,7 +51,7 @@ def load(path: str | os.PathLike) -> ir.Model:
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as e:
-        raise OnnxgrowError(f"{path} is not a readable ONNX model: {_first_line(e)}") from None
+        raise OnnxgrowError(f"{path} is not a readable ONNX model: {first_line(e) or type(e).__name__}") from None
     del proto  # the ir tensors keep what they need of it
     ir.external_data.set_base_dir(model.graph, path.parent)
     check_external_data(model, path.parent)
@@ -356,7 +356,7 @@ def check_with_onnx_checker(skeleton: onnx.ModelProto, path: Path) -> None:
             for node in g.node:
                 onnx.checker.check_node(node, ctx)
     except Exception as e:
-        raise OnnxgrowError(f"could not load {path}: not valid ONNX: {_first_line(e)}") from None
+        raise OnnxgrowError(f"could not load {path}: not valid ONNX: {first_line(e) or type(e).__name__}") from None
     # Shapes recorded in value_info and on the outputs are hints that exporters get wrong and ONNX
     # Runtime merges leniently: only what the ops themselves imply is held against the model.
     g.ClearField("value_info")
@@ -365,7 +365,7 @@ def check_with_onnx_checker(skeleton: onnx.ModelProto, path: Path) -> None:
     try:
         onnx.shape_inference.infer_shapes(skeleton, check_type=True, strict_mode=True, data_prop=True)
     except Exception as e:
-        why = _first_line(e).replace("[ShapeInferenceError] Inference error(s): ", "")
+        why = (first_line(e) or type(e).__name__).replace("[ShapeInferenceError] Inference error(s): ", "")
         raise OnnxgrowError(f"could not load {path}: shapes or types do not fit: {why}") from None
 
 
@@ -422,11 +422,6 @@ def _repeated(field) -> bool:
 
 def _node_name(node) -> str:
     return repr(node.name) if node.name else f"({node.op_type})"
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 # --- external data ------------------------------------------------------------------------------------------

@@ -26,9 +26,8 @@ import onnx_ir as ir
 
 from .dims import Dim, atoms
 from .errors import UnsupportedGraph
+from .metadata import IO_MAP_KEY
 from .structure import TransformerSpec
-
-IO_MAP_KEY = "onnxgrow.io_map"
 
 
 @dataclass

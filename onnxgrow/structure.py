@@ -6,10 +6,23 @@ output. FFNs are the remaining weight MatMuls, paired by walking back from each 
 Norms are LayerNormalization ops or their decomposed forms. The result, a `TransformerSpec`, also
 names the model dimensions (hidden, heads, kv_heads, head_dim, ffn, vocab) as Dims of the analysis,
 so every pass resizes the same symbols.
+
+`match` runs the steps in this order, each a function below it:
+
+    find_embeddings   the token table (looked up by input ids) and a learned position table
+    find_attentions   Softmax between two activation MatMuls, its Q/K/V/O projections, head geometry
+    find_ffns         the remaining projections, paired through their activation
+    find_lm_head      the projection from hidden to the vocabulary, and whether it is tied
+    assign_blocks     one attention and the FFN after it make a block, in graph order
+    attach_norms      the norm in front of each block's projections, and the final norm
+
+A graph the steps cannot read is refused with UnsupportedGraph(reason, node): the node the matcher
+stopped at, so the user can find the place.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -20,10 +33,9 @@ from .dims import Dim, atoms, factors, same, unify
 from .errors import UnsupportedGraph
 from .normalize import normalize
 from .shapeflow import ShapeFlow, analyse
+from .views import CASTS, IDS, PASS_THROUGH, RESHAPES, SHAPE_OF, look_through  # noqa: F401 (re-exported)
 
-PASS_THROUGH = {"Cast", "Dropout", "Identity"}
-RESHAPES = {"Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand"}
-SHAPE_OF = {"Shape", "Size"}
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -121,16 +133,21 @@ def weight_of(flow: ShapeFlow, node: ir.Node):
     return None
 
 
+def is_projection(flow: ShapeFlow, node: ir.Node) -> bool:
+    """A MatMul/Gemm of an activation by a 2-D weight."""
+    return weight_of(flow, node) is not None
+
+
+def data_input(flow: ShapeFlow, proj: ir.Node) -> ir.Value:
+    """The operand of a projection that is not its weight."""
+    return proj.inputs[1 - weight_of(flow, proj)[1]]
+
+
 def table_of(gather: ir.Node) -> ir.Value | None:
     """The initializer a Gather looks up in, directly or through a Cast of it (fp16 weights in an
     fp32 graph), else None."""
-    v = gather.inputs[0]
-    while v is not None and not v.is_initializer():
-        node = v.producer()
-        if node is None or node.op_type not in ("Cast", "CastLike", "Identity"):
-            return None
-        v = node.inputs[0]
-    return v
+    v = look_through(gather.inputs[0], CASTS)
+    return v if v.is_initializer() else None
 
 
 def producers_back(value: ir.Value, stop):
@@ -152,6 +169,7 @@ def producers_back(value: ir.Value, stop):
 
 
 def consumers_forward(value: ir.Value, stop):
+    """Walk forward from `value` over consumers; `stop(node)` ends a branch (and is collected)."""
     found, seen, todo = [], set(), deque([value])
     while todo:
         v = todo.popleft()
@@ -167,41 +185,102 @@ def consumers_forward(value: ir.Value, stop):
 
 
 def skip_view(value: ir.Value) -> ir.Value:
-    while value.producer() is not None and value.producer().op_type in PASS_THROUGH:
-        value = value.producer().inputs[0]
-    return value
+    """The value behind casts and dropouts (the same residual stream)."""
+    return look_through(value, PASS_THROUGH)
 
 
 def ids_source(value: ir.Value) -> ir.Value:
     """Where a tensor of ids comes from, looking through reshapes of the same ids."""
-    while value.producer() is not None and value.producer().op_type in PASS_THROUGH | RESHAPES:
-        value = value.producer().inputs[0]
-    return value
+    return look_through(value, IDS)
 
 
 def is_activation(flow: ShapeFlow, v: ir.Value | None) -> bool:
     return v is not None and flow.source_initializer(v)[0] is None
 
 
+def known_shape(flow: ShapeFlow, value: ir.Value, node: ir.Node, what: str) -> list[Dim]:
+    """The Dims of `value` (an input or output of `node`), or a refusal when the analysis could not
+    give it any; the analysis' first problem is usually why."""
+    shape = flow.dims.get(value)
+    if not shape:
+        why = f"; the analysis first stopped at {flow.problems[0]}" if flow.problems else ""
+        raise UnsupportedGraph(f"cannot follow the graph: the shape of {what} is unknown{why}", node)
+    return shape
+
+
+def output_width(flow: ShapeFlow, node: ir.Node) -> Dim:
+    """The last axis of a projection's output."""
+    return known_shape(flow, node.outputs[0], node, "the projection's output")[-1]
+
+
 # --- the matcher ----------------------------------------------------------------------------------
 
+def load_structure(model: ir.Model) -> TransformerSpec:
+    """Normalize `model` IN PLACE, then match it.
+
+    Normalizing is a rewrite that changes no output (constants become initializers, shared
+    parameters and small ints get their own copies: see normalize.py), but it does change the
+    model object given: pass a copy (modelio.as_ir(model)) to keep the original as it is.
+    """
+    normalize(model)
+    return find_structure(model)
+
+
 def find_structure(model: ir.Model, flow: ShapeFlow | None = None) -> TransformerSpec:
-    flow = flow or analyse(model)
-    try:
-        return match(model, flow)
-    except (TypeError, KeyError, IndexError, AttributeError, StopIteration):
-        # the walk met a value the analysis could not describe: say where the analysis stopped
-        stuck = "; ".join(str(p) for p in flow.problems[:3]) or "an unexpected graph layout"
-        raise UnsupportedGraph(f"cannot follow the graph: {stuck}") from None
+    """The TransformerSpec of a normalized model (load_structure normalizes first)."""
+    return match(model, flow or analyse(model))
 
 
 def match(model: ir.Model, flow: ShapeFlow) -> TransformerSpec:
+    """Find the parts step by step (see the module docstring), then describe the model they make."""
     g = model.graph
-    is_proj = lambda n: weight_of(flow, n) is not None
-    missing = []
+    emb = find_embeddings(g, flow)
+    attentions, missing = find_attentions(g, flow)
+    heads, kv_heads, group, head_dim = head_layout(attentions)
+    attention_nodes = {id(n) for a in attentions for n in (a.q_proj, a.k_proj, a.v_proj, a.o_proj)}
+    projections = [n for n in g if is_projection(flow, n) and id(n) not in attention_nodes]
+    ffns = find_ffns(flow, projections, emb.hidden, attention_nodes)
+    lm_head, tied = find_lm_head(flow, projections, ffns, emb)
+    blocks, no_ffn = assign_blocks(g, attentions, ffns)
+    missing += no_ffn
+    if missing:
+        raise UnsupportedGraph("; ".join(reason for reason, _ in missing), missing[0][1])
+    norms = find_norms(g, flow, emb.hidden)
+    final_norm = attach_norms(flow, blocks, norms, lm_head)
 
-    # embeddings: Gathers of rank-2 float tables by integer ids (a table stored in another dtype
-    # may be gathered from a Cast of it)
+    norm_position = position_of_norms(flow, blocks)
+    # parallel residual (GPT-NeoX, GPT-J): attention and FFN read the same residual value
+    parallel = bool(norm_position == "pre" and len(blocks[0].norms) == 2
+                    and residual_input(blocks[0].norms[0]) is residual_input(blocks[0].norms[1]))
+    positional = "learned" if emb.position is not None else (
+        "rotary" if has_rotation(blocks[0].attention) else "none")
+    ffn_widths = [known_shape(flow, data_input(flow, b.ffn.down), b.ffn.down,
+                              "the down projection's input")[-1].root() for b in blocks]
+    spec = TransformerSpec(
+        model=model, flow=flow, hidden=emb.hidden, heads=heads, kv_heads=kv_heads, group=group,
+        head_dim=head_dim, vocab=emb.vocab, ffn=ffn_widths, token_embedding=emb.token,
+        position_embedding=emb.position, blocks=blocks, final_norm=final_norm, lm_head=lm_head,
+        tied_embeddings=tied, norm=norms[0].kind if norms else "none", norm_position=norm_position,
+        positional=positional, activation=activation_of(blocks[0].ffn), parallel_residual=parallel)
+    assign_roles(spec)
+    log.debug("matched %d blocks: hidden %s, heads %s, kv_heads %s, ffn %s, vocab %s, %s %s-norm, "
+              "%s positions, %s", len(blocks), emb.hidden.size, heads.size, kv_heads.size,
+              [d.size for d in ffn_widths], emb.vocab.size, spec.norm, norm_position, positional, spec.activation)
+    return spec
+
+
+@dataclass
+class Embeddings:
+    """What find_embeddings found: the tables, and the Dims the token table measures."""
+    token: ir.Value
+    position: ir.Value | None
+    hidden: Dim
+    vocab: Dim
+
+
+def find_embeddings(g: ir.Graph, flow: ShapeFlow) -> Embeddings:
+    """Gathers of rank-2 float tables: the largest looked up by input ids holds the tokens."""
+    # a table stored in another dtype may be gathered from a Cast of it
     gathers, tables = [], {}
     for node in g:
         if node.op_type == "Gather" and attr_axis(node) == 0:
@@ -220,9 +299,16 @@ def match(model: ir.Model, flow: ShapeFlow) -> TransformerSpec:
     vocab = flow.dims[token_table][0].root()
     others = [n for n in gathers if n is not token and same(flow.dims[tables[id(n)]][1], hidden)]
     pos_gathers = positionals(others, tables)
+    position = tables[id(pos_gathers[0])] if pos_gathers else None
+    log.debug("token embedding %r (vocab %s, hidden %s) at Gather %r; position table %r",
+              token_table.name, vocab.size, hidden.size, token.name, position and position.name)
+    return Embeddings(token_table, position, hidden, vocab)
 
-    # attention: Softmax over scores = MatMul(Q, K^T) of two activations
-    attentions = []
+
+def find_attentions(g: ir.Graph, flow: ShapeFlow) -> tuple[list[Attention], list[tuple[str, ir.Node]]]:
+    """Every Softmax over scores = MatMul(Q, K^T) of two activations, with its projections; and
+    (reason, node) for each such Softmax whose projections were not found."""
+    attentions, missing = [], []
     for node in g:
         if node.op_type != "Softmax":
             continue
@@ -233,112 +319,127 @@ def match(model: ir.Model, flow: ShapeFlow) -> TransformerSpec:
         pv = consumers_forward(node.outputs[0], lambda n: n.op_type == "MatMul")
         if len(pv) != 1:
             continue
-        q_proj = producers_back(qk.inputs[0], is_proj)
-        k_proj = producers_back(qk.inputs[1], is_proj)
-        v_proj = producers_back(pv[0].inputs[1], is_proj)
-        o_proj = consumers_forward(pv[0].outputs[0], is_proj)
-        if not (len(q_proj) == len(k_proj) == len(v_proj) == len(o_proj) == 1):
-            missing.append(f"attention at Softmax {node.name!r}: projections not found")
+        att = attention_projections(flow, node, qk, pv[0])
+        if att is None:
+            missing.append((f"attention at Softmax {node.name!r}: projections not found", node))
             continue
-        fused = q_proj[0] is k_proj[0]
-        attentions.append((Attention(node, q_proj[0], k_proj[0], v_proj[0], o_proj[0], fused), qk, pv[0]))
+        att.kv_heads, att.group, att.head_dim = head_geometry(flow, att, qk)
+        log.debug("attention at Softmax %r: q=%r, k=%r, v=%r, o=%r, fused_qkv=%s, kv_heads=%s, "
+                  "group=%s, head_dim=%s", node.name, att.q_proj.name, att.k_proj.name, att.v_proj.name,
+                  att.o_proj.name, att.fused_qkv, att.kv_heads.size, att.group and att.group.size,
+                  att.head_dim.size)
+        attentions.append(att)
     if not attentions:
         raise UnsupportedGraph("no attention found (Softmax between two activation MatMuls)"
-                               + (": " + "; ".join(missing) if missing else ""))
+                               + (": " + "; ".join(r for r, _ in missing) if missing else ""),
+                               missing[0][1] if missing else None)
+    return attentions, missing
 
-    # head geometry of every attention (exports may compute each layer's sizes separately)
-    for att, qk, _ in attentions:
-        att.kv_heads, att.group, att.head_dim = head_geometry(flow, att, qk)
-    first = attentions[0][0]
+
+def attention_projections(flow: ShapeFlow, softmax: ir.Node, qk: ir.Node, pv: ir.Node) -> Attention | None:
+    """The one projection behind each of Q, K and V, and the one after the output, else None."""
+    is_proj = lambda n: is_projection(flow, n)  # noqa: E731
+    q_proj = producers_back(qk.inputs[0], is_proj)
+    k_proj = producers_back(qk.inputs[1], is_proj)
+    v_proj = producers_back(pv.inputs[1], is_proj)
+    o_proj = consumers_forward(pv.outputs[0], is_proj)
+    if not (len(q_proj) == len(k_proj) == len(v_proj) == len(o_proj) == 1):
+        return None
+    fused = q_proj[0] is k_proj[0]
+    return Attention(softmax, q_proj[0], k_proj[0], v_proj[0], o_proj[0], fused)
+
+
+def head_layout(attentions: list[Attention]):
+    """(heads, kv_heads, group, head_dim) of the model: every attention must have the first's."""
+    # exports may compute each layer's sizes separately: each attention has its own Dims
+    first = attentions[0]
     kv_heads, group, head_dim = first.kv_heads, first.group, first.head_dim
-    for att, _, _ in attentions[1:]:
+    for att in attentions[1:]:
         if (att.kv_heads.size, att.group and att.group.size, att.head_dim.size) != (
                 kv_heads.size, group and group.size, head_dim.size):
-            raise UnsupportedGraph(f"attention {att.softmax.name!r} has a different head layout than the first")
+            raise UnsupportedGraph(f"attention {att.softmax.name!r} has a different head layout than the first",
+                                   att.softmax)
     heads = kv_heads if group is None else Dim(None)
     if group is not None:
         heads.kind, heads.parts = "prod", [kv_heads, group]
+    return heads, kv_heads, group, head_dim
 
-    # norms anywhere in the graph, keyed by the value they normalise
-    norms = find_norms(g, flow, hidden)
-    norm_by_output = {id(n.output): n for n in norms}
 
-    attention_nodes = {id(n) for a, _, _ in attentions for n in (a.q_proj, a.k_proj, a.v_proj, a.o_proj)}
-    projections = [n for n in g if is_proj(n) and id(n) not in attention_nodes]
-    downs = []
-    for n in projections:
-        w, i = weight_of(flow, n)
-        if not same(contracted_dim(flow, n), hidden) and same(flow.dims[n.outputs[0]][-1], hidden):
-            downs.append(n)
+def find_ffns(flow: ShapeFlow, projections: list[ir.Node], hidden: Dim, attention_nodes: set) -> list[FFN]:
+    """A down projection goes back to hidden from another width; the projections behind it (not
+    attention's) are its up projection, or its up and gate projections."""
+    downs = [n for n in projections
+             if not same(contracted_dim(flow, n), hidden) and same(output_width(flow, n), hidden)]
     ffns = []
     for down in downs:
-        ups = producers_back(down.inputs[0] if weight_of(flow, down)[1] == 1 else down.inputs[1], is_proj)
+        ups = producers_back(data_input(flow, down), lambda n: is_projection(flow, n))
         ups = [u for u in ups if id(u) not in attention_nodes]
         if len(ups) == 1:
             ffns.append(FFN(up=ups[0], down=down))
         elif len(ups) == 2:
             gate, up = order_gate(ups)
             ffns.append(FFN(up=up, down=down, gate=gate))
-    ffn_nodes = {id(n) for f in ffns for n in (f.up, f.down, f.gate) if n is not None}
+    for f in ffns:
+        log.debug("ffn: up=%r, gate=%r, down=%r", f.up.name, f.gate and f.gate.name, f.down.name)
+    return ffns
 
-    blocks = []
+
+def find_lm_head(flow: ShapeFlow, projections: list[ir.Node], ffns: list[FFN], emb: Embeddings):
+    """(the LM head or None, tied): the last projection left that goes from hidden to another width;
+    tied when its weight is the token table (or an equal copy of it)."""
+    ffn_nodes = {id(n) for f in ffns for n in (f.up, f.down, f.gate) if n is not None}
+    heads_out = [n for n in projections if id(n) not in ffn_nodes and same(contracted_dim(flow, n), emb.hidden)
+                 and not same(output_width(flow, n), emb.hidden)]
+    if not heads_out:
+        log.debug("no LM head")
+        return None, False
+    lm_head = heads_out[-1]
+    lm_weight = weight_of(flow, lm_head)[0]
+    tied = lm_weight is emb.token or same_values(lm_weight, emb.token)
+    log.debug("LM head %r (weight %r, tied=%s)", lm_head.name, lm_weight.name, tied)
+    return lm_head, tied
+
+
+def assign_blocks(g: ir.Graph, attentions: list[Attention], ffns: list[FFN]):
+    """(blocks, missing): each attention with the one FFN whose down projection lies between it and
+    the next attention in graph order; missing names the first block that has none."""
     order = {id(n): i for i, n in enumerate(g)}
-    ffns.sort(key=lambda f: order[id(f.down)])
-    for i, (att, _, _) in enumerate(attentions):
-        nxt = order[id(attentions[i + 1][0].softmax)] if i + 1 < len(attentions) else len(order)
+    ffns = sorted(ffns, key=lambda f: order[id(f.down)])
+    blocks = []
+    for i, att in enumerate(attentions):
+        nxt = order[id(attentions[i + 1].softmax)] if i + 1 < len(attentions) else len(order)
         mine = [f for f in ffns if order[id(att.softmax)] < order[id(f.down)] < nxt]
         blocks.append(Block(att, mine[0] if len(mine) == 1 else None))
-    if any(b.ffn is None for b in blocks):
-        missing.append("a block without a recognisable FFN")
+    lacking = [b for b in blocks if b.ffn is None]
+    log.debug("%d blocks, %d without an FFN", len(blocks), len(lacking))
+    return blocks, [("a block without a recognisable FFN", lacking[0].attention.softmax)] if lacking else []
 
-    # the LM head: a remaining projection from hidden to something that is not hidden
-    heads_out = [n for n in projections if id(n) not in ffn_nodes and same(contracted_dim(flow, n), hidden)
-                 and not same(flow.dims[n.outputs[0]][-1], hidden)]
-    lm_head = heads_out[-1] if heads_out else None
-    tied = False
-    if lm_head is not None:
-        lm_weight = weight_of(flow, lm_head)[0]
-        tied = lm_weight is token_table or same_values(lm_weight, token_table)
 
-    # norms of each block, and where they sit
-    def norm_before(value):
-        found = producers_back(value, lambda n: any(o is x.output for x in norms for o in n.outputs))
-        for n in found:
-            for o in n.outputs:
-                if id(o) in norm_by_output:
-                    return norm_by_output[id(o)]
-        return None
-
+def attach_norms(flow: ShapeFlow, blocks: list[Block], norms: list[Norm], lm_head: ir.Node | None) -> Norm | None:
+    """Give each block the norms in front of its Q and up projections; return the final norm (the
+    one in front of the LM head, unless a block has it)."""
     for b in blocks:
-        for proj in (b.attention.q_proj, b.ffn.up if b.ffn else None):
-            if proj is None:
-                continue
-            norm = norm_before(proj.inputs[0] if weight_of(flow, proj)[1] == 1 else proj.inputs[1])
+        for proj in (b.attention.q_proj, b.ffn.up):
+            norm = norm_before(data_input(flow, proj), norms)
             if norm is not None and norm not in b.norms:
                 b.norms.append(norm)
-    final_norm = norm_before(lm_head.inputs[0]) if lm_head is not None else None
+    final_norm = norm_before(lm_head.inputs[0], norms) if lm_head is not None else None
     if final_norm is not None and any(final_norm is n for b in blocks for n in b.norms):
         final_norm = None
-    norm_kind = norms[0].kind if norms else "none"
-    norm_position = position_of_norms(flow, blocks)
-    # parallel residual (GPT-NeoX, GPT-J): attention and FFN read the same residual value
-    parallel = bool(norm_position == "pre" and len(blocks[0].norms) == 2
-                    and residual_input(blocks[0].norms[0]) is residual_input(blocks[0].norms[1]))
-    spec = TransformerSpec(
-        model=model, flow=flow, hidden=hidden, heads=heads, kv_heads=kv_heads, group=group,
-        head_dim=head_dim, vocab=vocab, ffn=[flow.dims[b.ffn.down.inputs[1 - weight_of(flow, b.ffn.down)[1]]][-1].root()
-                                            for b in blocks if b.ffn],
-        token_embedding=token_table,
-        position_embedding=tables[id(pos_gathers[0])] if pos_gathers else None,
-        blocks=blocks, final_norm=final_norm, lm_head=lm_head, tied_embeddings=tied, norm=norm_kind,
-        norm_position=norm_position, positional="learned" if pos_gathers else (
-            "rotary" if has_rotation(blocks[0].attention) else "none"),
-        activation=activation_of(blocks[0].ffn) if blocks[0].ffn else "none",
-        parallel_residual=parallel)
-    if missing:
-        raise UnsupportedGraph("; ".join(missing))
-    assign_roles(spec)
-    return spec
+    log.debug("norms per block: %s; final norm: %s", [len(b.norms) for b in blocks],
+              final_norm and final_norm.kind)
+    return final_norm
+
+
+def norm_before(value: ir.Value, norms: list[Norm]) -> Norm | None:
+    """The norm whose output `value` is computed from (walking back to the nearest ones)."""
+    by_output = {id(n.output): n for n in norms}
+    found = producers_back(value, lambda n: any(id(o) in by_output for o in n.outputs))
+    for n in found:
+        for o in n.outputs:
+            if id(o) in by_output:
+                return by_output[id(o)]
+    return None
 
 
 def tie_copies(g: ir.Graph, flow: ShapeFlow, table: ir.Value) -> None:
@@ -362,7 +463,7 @@ def head_geometry(flow: ShapeFlow, att: Attention, qk: ir.Node):
     """(kv_heads, group, head_dim) Dims of one attention. Q is [..., heads, seq, head_dim]; the
     factors of its head axis that also measure the K projection's output are the kv heads, and
     what is left (created by the repeat of K/V for grouped-query attention) is the group size."""
-    qshape = flow.dims[qk.inputs[0]]
+    qshape = known_shape(flow, qk.inputs[0], qk, "the query")
     head_dim = qshape[-1].root()
     k_weight = weight_of(flow, att.k_proj)[0]
     k_atoms = {id(a) for a in atoms(flow.dims[k_weight][out_axis(flow, att.k_proj)])}
@@ -376,7 +477,7 @@ def head_geometry(flow: ShapeFlow, att: Attention, qk: ir.Node):
     if not kv_part and len(group_part) == 1:
         kv_part = [Dim(1)]  # multi-query attention: one kv head, an axis of size 1 in the graph
     if len(kv_part) != 1 or len(group_part) > 1:
-        raise UnsupportedGraph(f"cannot tell query heads from key/value heads at {att.softmax.name!r}")
+        raise UnsupportedGraph("cannot tell query heads from key/value heads", att.softmax)
     return kv_part[0].root(), (group_part[0].root() if group_part else None), head_dim
 
 
@@ -599,8 +700,3 @@ def assign_roles(spec: TransformerSpec) -> None:
 def distinct(dims) -> list[Dim]:
     """The different Dims among `dims` (layers often share one through a shared constant)."""
     return list({id(d.root()): d.root() for d in dims if d is not None}.values())
-
-
-def load_structure(model: ir.Model) -> TransformerSpec:
-    normalize(model)
-    return find_structure(model)

@@ -38,10 +38,10 @@ import onnxruntime as ort
 from . import modelio
 from . import tolerance as tol
 from .errors import NOT_PRESERVED, OnnxgrowError
+from .metadata import IO_MAP_KEY, IO_NAMES_KEY
+from .views import CASTS, IDS_FORWARD, look_through
 
 DEFAULT_SHAPES = ((1, 5), (2, 9), (3, 16))
-IO_MAP_KEY = "onnxgrow.io_map"
-IO_NAMES_KEY = "onnxgrow.io_names"  # renamed inputs/outputs (deepened or pruned KV caches)
 
 # Tolerances: onnxgrow/tolerance.py (one rule per dtype, relative to each output's scale). A float
 # output of a model that stores its weights in a half type (float16 weights behind Casts in a float32
@@ -49,9 +49,6 @@ IO_NAMES_KEY = "onnxgrow.io_names"  # renamed inputs/outputs (deepened or pruned
 
 FALLBACK_VOCAB = 100  # token ids for a model whose embedding table could not be found
 TYPE_TABLE_MAX_ROWS = 16  # a small table indexed by an int input holds token types, not positions
-
-# Ops that move or relabel ids without changing them: an int input is still "the ids" after these.
-PASS_THROUGH = {"Reshape", "Cast", "CastLike", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand"}
 
 
 # --- running models ------------------------------------------------------------------------------
@@ -167,6 +164,8 @@ def _to_numpy(value: ort.OrtValue) -> np.ndarray:
 
 
 def _one_line(error: Exception) -> str:
+    """The whole message of an ONNX Runtime error on one line. Not errors.first_line: ORT puts the
+    useful part (which node, which shape) on the lines after the first."""
     text = " ".join(str(error).split())  # ORT messages span lines; ours are one line
     text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
     return text[:400] or type(error).__name__
@@ -301,14 +300,15 @@ def _classify_int_input(value: ir.Value, rows: int | None, largest: int | None) 
 
 
 def _forward_uses(value: ir.Value):
-    """Every (node, input index) that reads `value`, directly or through pass-through ops."""
+    """Every (node, input index) that reads `value`, directly or through ops that keep the ids
+    (views.IDS_FORWARD)."""
     stack, seen = [value], set()
     while stack:
         v = stack.pop()
         for node, idx in v.uses():
             yield node, idx
             # only the data operand carries the ids through (not a Reshape's shape, say)
-            if node.op_type in PASS_THROUGH and idx == 0 and id(node) not in seen:
+            if node.op_type in IDS_FORWARD and idx == 0 and id(node) not in seen:
                 seen.add(id(node))
                 stack.extend(node.outputs)
 
@@ -331,18 +331,15 @@ def _table_rows(value: ir.Value) -> int | None:
 def _constant(value: ir.Value | None):
     """The tensor behind `value` when it is a constant, looking through casts (half-precision
     exports store a table in one dtype and gather from a cast of it)."""
-    while value is not None:
-        if value.const_value is not None:
-            return value.const_value
-        node = value.producer()
-        if node is None:
-            return None
-        if node.op_type == "Constant":
-            attribute = node.attributes.get("value")
-            return attribute.value if attribute is not None else None
-        if node.op_type not in ("Cast", "CastLike", "Identity"):
-            return None
-        value = node.inputs[0]
+    if value is None:
+        return None
+    value = look_through(value, CASTS)
+    if value.const_value is not None:
+        return value.const_value
+    node = value.producer()
+    if node is not None and node.op_type == "Constant":
+        attribute = node.attributes.get("value")
+        return attribute.value if attribute is not None else None
     return None
 
 

@@ -34,9 +34,8 @@ import torch
 from . import api, modelio
 from .bridge import FLOAT_TYPES, as_proto, load_ir, store, tensor_from_ir
 from .errors import OnnxgrowError
+from .metadata import ROLES_KEY
 from .structure import TransformerSpec, out_axis, weight_of
-
-ROLES_KEY = "onnxgrow.roles"
 
 
 def projection(spec: TransformerSpec, node: ir.Node, role: str, roles: dict) -> None:
