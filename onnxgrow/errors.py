@@ -54,5 +54,5 @@ def describe_node(node) -> str:
 
 def first_line(error: BaseException) -> str:
     """The first line of an exception's message, for one-line reports ('' if it has none)."""
-    text = str(error)
+    text = str(error).strip()
     return text.splitlines()[0] if text else ""

@@ -21,24 +21,23 @@ is right.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 
 from . import modelio
 from . import tolerance as tol
 from .errors import NOT_PRESERVED, OnnxgrowError
 from .metadata import IO_MAP_KEY, IO_NAMES_KEY
+# Sessions live in onnxgrow/runtime.py (providers, CUDA preload, no silent fallback); these names stay
+# importable from validate for the callers that know them from there.
+from .runtime import one_line, open_session, resolve_providers, run_model  # noqa: F401
 from .views import CASTS, IDS_FORWARD, look_through
 
 DEFAULT_SHAPES = ((1, 5), (2, 9), (3, 16))
@@ -52,123 +51,6 @@ TYPE_TABLE_MAX_ROWS = 16  # a small table indexed by an int input holds token ty
 
 
 # --- running models ------------------------------------------------------------------------------
-
-
-def resolve_providers(provider: str = "auto") -> list:
-    """The ONNX Runtime provider list for "auto", "cuda" or "cpu"."""
-    available = ort.get_available_providers()
-    # TF32 matmuls round to 10 mantissa bits: source and target would differ by ~1e-3 for reasons
-    # that have nothing to do with the rewrite.
-    cuda = ("CUDAExecutionProvider", {"use_tf32": "0"})
-    if provider == "cpu":
-        return ["CPUExecutionProvider"]
-    if provider == "cuda":
-        if "CUDAExecutionProvider" not in available:
-            raise OnnxgrowError("provider 'cuda' asked for, but this onnxruntime has no CUDAExecutionProvider "
-                                "(install onnxruntime-gpu)")
-        return [cuda, "CPUExecutionProvider"]
-    if provider == "auto":
-        if "CUDAExecutionProvider" in available:
-            return [cuda, "CPUExecutionProvider"]
-        return ["CPUExecutionProvider"]
-    raise OnnxgrowError(f"unknown provider {provider!r} (use auto, cuda or cpu)")
-
-
-def open_session(path: str | os.PathLike, provider: str = "auto") -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    # Basic optimisations only: the extended fusions (attention, gelu, layernorm) match patterns that a
-    # rewrite may break in one model and not the other, which would show up as numeric noise here.
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.intra_op_num_threads = min(4, os.cpu_count() or 1)
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 4  # fatal only: ORT would print warnings and failed runs itself; we report in one line
-    providers = resolve_providers(provider)
-    try:
-        try:
-            # from the path, not from bytes, so external data is found next to the model
-            session = ort.InferenceSession(str(path), options, providers=providers)
-        except Exception as e:
-            if "Cannot parse data from external tensors" not in str(e):
-                raise
-            session = _session_with_small_tensors_inline(Path(path), options, providers)
-    except Exception as e:
-        message = _one_line(e)
-        if "Could not find an implementation for" in message and all(
-                (p if isinstance(p, str) else p[0]) == "CPUExecutionProvider" for p in providers):
-            # ORT's CPU provider has no kernel for some op/type pairs, most bfloat16 arithmetic among them
-            message += (" (ONNX Runtime's CPU provider has no kernel for this op in this model's dtype; "
-                        "bfloat16 models need --provider cuda with onnxruntime-gpu)")
-        raise OnnxgrowError(f"onnxruntime could not load {path}: {message}") from None
-    if provider == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
-        raise OnnxgrowError(f"onnxruntime could not start CUDA for {path} (it fell back to the CPU)")
-    session.onnxgrow_path = str(path)  # for error messages; a session opened from bytes has no path
-    return session
-
-
-def _session_with_small_tensors_inline(path: Path, options, providers) -> ort.InferenceSession:
-    """Open a model whose shape constants (Reshape shapes, Unsqueeze axes) live in external data.
-
-    ORT's shape inference cannot read file-backed external data (onnxruntime#21325), so a model saved
-    with every tensor external fails to load. Small tensors are read into the proto; the weights stay
-    in their file, which ORT is told where to find since the model now comes from bytes.
-    """
-    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
-
-    model = onnx.load(str(path), load_external_data=False)
-    for tensor in model.graph.initializer:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-        if uses_external_data(tensor) and math.prod(tensor.dims) * itemsize <= 64 * 2**10:
-            load_external_data_for_tensor(tensor, str(path.parent))
-            tensor.data_location = onnx.TensorProto.DEFAULT
-            del tensor.external_data[:]
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
-    return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
-
-
-def run_model(model, feeds: dict[str, np.ndarray], provider: str = "auto") -> dict[str, np.ndarray]:
-    """Run a model (path or open session) on `feeds`; return every output by name, in host memory.
-
-    Goes through an IO binding because numpy has no bfloat16 for ORT to hand back; the binding gives
-    raw tensors that are read as ml_dtypes.bfloat16.
-    """
-    session = model if isinstance(model, ort.InferenceSession) else open_session(model, provider)
-    name = getattr(session, "onnxgrow_path", None) or getattr(session, "_model_path", None) or str(model)
-    try:
-        binding = session.io_binding()
-        held = [_to_ortvalue(array) for array in feeds.values()]  # must outlive the run
-        for input_name, value in zip(feeds, held):
-            binding.bind_ortvalue_input(input_name, value)
-        outputs = [o.name for o in session.get_outputs()]
-        for output_name in outputs:
-            binding.bind_output(output_name, "cpu")  # copied back to the host whichever device ran it
-        session.run_with_iobinding(binding)
-        return {n: _to_numpy(v) for n, v in zip(outputs, binding.get_outputs())}
-    except Exception as e:
-        raise OnnxgrowError(f"onnxruntime could not run {name}: {_one_line(e)}") from None
-
-
-def _to_ortvalue(array: np.ndarray) -> ort.OrtValue:
-    array = np.ascontiguousarray(array)
-    if array.dtype == ml_dtypes.bfloat16:
-        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16), onnx.TensorProto.BFLOAT16)
-    return ort.OrtValue.ortvalue_from_numpy(array)
-
-
-def _to_numpy(value: ort.OrtValue) -> np.ndarray:
-    if value.data_type() != "tensor(bfloat16)":
-        return value.numpy()
-    array = np.empty(value.shape(), dtype=np.uint16)
-    if array.size:
-        ctypes.memmove(array.ctypes.data, value.data_ptr(), array.nbytes)
-    return array.view(ml_dtypes.bfloat16)
-
-
-def _one_line(error: Exception) -> str:
-    """The whole message of an ONNX Runtime error on one line. Not errors.first_line: ORT puts the
-    useful part (which node, which shape) on the lines after the first."""
-    text = " ".join(str(error).split())  # ORT messages span lines; ours are one line
-    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
-    return text[:400] or type(error).__name__
 
 
 # --- generating inputs -----------------------------------------------------------------------------
@@ -377,7 +259,7 @@ def _text_inputs(text: str, tokenizer: Path, plan: InputPlan, past_length: int, 
     try:
         ids = Tokenizer.from_file(str(tokenizer)).encode(text).ids
     except Exception as e:
-        raise OnnxgrowError(f"could not tokenize with {tokenizer}: {_one_line(e)}") from None
+        raise OnnxgrowError(f"could not tokenize with {tokenizer}: {one_line(e)}") from None
     if not ids:
         raise OnnxgrowError("the text encodes to no tokens")
     feeds = plan.make(1, len(ids), past_length, seed)  # masks, positions and caches as usual
@@ -780,7 +662,7 @@ def validate(source: Path, target: Path, *, provider: str = "auto", inputs: Path
 
     note = tolerance_note(list(checks.values()), tolerance)
     shapes_fed = [{name: list(array.shape) for name, array in feeds.items()} for feeds in cases]
-    return Report(str(source), str(target), source_session.get_providers()[0], shapes_fed,
+    return Report(str(source), str(target), source_session.onnxgrow_provider, shapes_fed,
                   past_length if plan.past_dims and inputs is None else None, note, list(checks.values()))
 
 

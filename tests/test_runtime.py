@@ -20,14 +20,15 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(ort, "get_available_providers", lambda: [runtime.CUDA, runtime.CPU])
     calls = []
 
-    def session(path, options=None, providers=None, **kwargs):
-        calls.append((providers, kwargs))
-        names = [p if isinstance(p, str) else p[0] for p in providers or []]
-        if runtime.CUDA in names:
-            raise RuntimeError("CUDA failure 35: CUDA driver version is insufficient for CUDA runtime version")
-        return REAL_SESSION(path, options, providers=providers, **kwargs)
+    class Session(REAL_SESSION):
+        def __init__(self, path, options=None, providers=None, **kwargs):
+            calls.append((providers, kwargs))
+            names = [p if isinstance(p, str) else p[0] for p in providers or []]
+            if runtime.CUDA in names:
+                raise RuntimeError("CUDA failure 35: CUDA driver version is insufficient for CUDA runtime version")
+            super().__init__(path, options, providers=providers, **kwargs)
 
-    monkeypatch.setattr(ort, "InferenceSession", session)
+    monkeypatch.setattr(ort, "InferenceSession", Session)
     return calls
 
 
@@ -89,3 +90,17 @@ def test_both_runtimes_installed_warns_once(monkeypatch, caplog):
         runtime.check_single_runtime()
     warnings = [r for r in caplog.records if "onnxruntime-gpu" in r.getMessage()]
     assert len(warnings) == 1 and "pip uninstall" in warnings[0].getMessage()
+
+
+def test_validate_json_survives_a_cuda_failure(fake_cuda):
+    """ORT's own fallback would print its banner on stdout before the JSON; ours says so on stderr."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from onnxgrow.cli import app
+    result = CliRunner().invoke(app, ["validate", str(DEFAULT_MODEL), str(DEFAULT_MODEL), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["provider"] == runtime.CPU and report["passed"]
+    assert "running on the CPU" in result.stderr
