@@ -43,18 +43,26 @@ def main_options(verbose: bool = typer.Option(False, "--verbose", "-v",
     configure_logging(verbose_mode)
 
 
+class StderrHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it is when a record is logged (test runners swap it per command)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def configure_logging(verbose: bool) -> None:
     """onnxgrow's loggers to stderr: debug when verbose, warnings otherwise."""
     logger = logging.getLogger("onnxgrow")
     logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
-    if not any(getattr(h, "onnxgrow_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler()  # sys.stderr, looked up now (test runners replace it)
+    if not any(isinstance(h, StderrHandler) for h in logger.handlers):
+        handler = StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        handler.onnxgrow_cli = True
         logger.addHandler(handler)
-    for h in logger.handlers:
-        if getattr(h, "onnxgrow_cli", False):
-            h.setStream(sys.stderr)
 
 
 def one_line_errors(fn):
