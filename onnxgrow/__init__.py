@@ -45,6 +45,8 @@ _callable(validate)
 
 
 def __getattr__(name: str):
-    if name == "train":  # on first use: it imports torch
+    # on first use, as it imports torch; `from onnxgrow.train import x` skips this (and leaves the
+    # module plain), so onnxgrow's own code imports it as `from . import train`
+    if name == "train":
         return _callable(importlib.import_module(".train", __name__))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -281,12 +281,12 @@ def train(model, data, *, output=None, return_summary: bool = False, **options):
         the trained model, of the kind given (a ModelProto for a path); with return_summary, the
         pair (model, summary).
     """
-    from .train import train as run_training
+    from . import train as training  # through the package: onnxgrow.train stays callable (__init__.py)
     with tempfile.TemporaryDirectory(prefix="onnxgrow-train-") as tmp:
         path = as_path(model, Path(tmp) / "model.onnx")
         if output is None and not isinstance(model, (str, os.PathLike)):
             output = Path(tmp) / "trained.onnx"
-        summary = run_training(path, data, output=output, **options)
+        summary = training.train(path, data, output=output, **options)
         trained = onnx.load(str(summary["output"]))  # weights in memory: the folder may be temporary
     result = modelio.same_kind(modelio.as_ir(trained, copy=False), model)
     return (result, summary) if return_summary else result

@@ -310,10 +310,10 @@ def train(model: Path = typer.Argument(..., help="ONNX model to continue trainin
           output: Optional[Path] = typer.Option(None, "--output", "-o"),
           force: bool = typer.Option(False, help="replace an existing output")):
     """Continue training MODEL in torch and write the trained weights back to ONNX."""
-    from .train import train as run_training
-    summary = run_training(model, data, tokenizer=tokenizer, use_bytes=use_bytes, steps=steps, batch=batch,
-                           seq=seq, lr=lr, device=device, distill_from=distill_from, alpha=alpha,
-                           output=output, resume=resume, objective=objective, force=force, console=out)
+    from . import train as training  # through the package: onnxgrow.train stays callable (__init__.py)
+    summary = training.train(model, data, tokenizer=tokenizer, use_bytes=use_bytes, steps=steps, batch=batch,
+                             seq=seq, lr=lr, device=device, distill_from=distill_from, alpha=alpha,
+                             output=output, resume=resume, objective=objective, force=force, console=out)
     out.print(f"held-out loss {summary['val_loss_start']:.4f} -> {summary['val_loss_end']:.4f} "
               f"({summary['tokens_per_s']:.0f} tokens/s); wrote {summary['output']}, loss curve {summary['plot']}")
 
