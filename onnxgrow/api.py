@@ -1,53 +1,64 @@
-"""The Python API: inspect and widen (deepen and subclone build on the same pieces).
+"""The Python API: inspect, widen, deepen, subclone, validate (and train, where torch is installed).
 
     import onnxgrow
-    spec = onnxgrow.inspect("model.onnx")              # a dict like `onnxgrow inspect --json`
-    wide = onnxgrow.widen("model.onnx", factor=2)      # an onnx.ModelProto
+    config = onnxgrow.inspect("model.onnx")             # a dict like `onnxgrow inspect --json`
+    wide = onnxgrow.widen("model.onnx", factor=2)       # an onnx.ModelProto
+    deep = onnxgrow.deepen(wide, layers=8)              # same kind as given: a ModelProto here
+    report = onnxgrow.validate("model.onnx", deep)      # an onnxgrow.validate.Report
+
+Every function takes a model as a path, an onnx.ModelProto or an onnx_ir.Model, never changes what it
+is given, and returns a model of the kind it was given (a ModelProto for a path). The `*_ir` variants
+rewrite an onnx-ir model in place: the CLI uses them to hold one copy of the weights in memory.
 """
 
 from __future__ import annotations
 
-import importlib
-import math
+import logging
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 
 from . import modelio
 from .errors import OnnxgrowError
+from .metadata import append_history
+from .passes import DEPTH_PASSES, WIDTH_PASSES
 from .resize import Resizer
-from .structure import TransformerSpec, distinct, load_structure
+from .sizes import describe, head_counts, role_sizes
+from .structure import TransformerSpec, load_structure
 
-WIDEN_METHODS = ("hypercloning", "fpi", "aki", "pad")
-DEEPEN_METHODS = ("identity", "stack", "interleave")
+log = logging.getLogger(__name__)
 
-
-def as_ir(model) -> ir.Model:
-    """Accept a path, an onnx.ModelProto or an onnx-ir Model; always work on a private copy."""
-    if isinstance(model, (str, os.PathLike)):
-        return modelio.load(model)
-    if isinstance(model, onnx.ModelProto):
-        return ir.from_proto(model)
-    if isinstance(model, ir.Model):
-        copy = ir.from_proto(ir.to_proto(model))
-        # external tensors are read relative to the model's folder, which the proto does not carry
-        base = next((v.const_value.base_dir for v in model.graph.initializers.values()
-                     if isinstance(v.const_value, ir.ExternalTensor)), None)
-        if base is not None:
-            ir.external_data.set_base_dir(copy.graph, base)
-        return copy
-    raise OnnxgrowError(f"expected a model path or ModelProto, got {type(model).__name__}")
+WIDEN_METHODS = tuple(WIDTH_PASSES)
+DEEPEN_METHODS = tuple(DEPTH_PASSES)
 
 
 def structure(model) -> TransformerSpec:
-    return load_structure(as_ir(model))
+    """The TransformerSpec found in `model`'s graph (a path, ModelProto or onnx_ir.Model)."""
+    return load_structure(modelio.as_ir(model))
 
 
 def inspect(model) -> dict:
+    """The transformer configuration found in `model`'s graph.
+
+    Args:
+        model: a path, an onnx.ModelProto or an onnx_ir.Model.
+    Returns:
+        a dict, as `onnxgrow inspect --json` prints it (hidden_size, num_layers, num_heads, ...).
+    """
     return structure(model).config()
+
+
+def load_pass(method: str, registry: dict = WIDTH_PASSES):
+    """The registered pass called `method`, or a one-line error naming the choices."""
+    if method not in registry:
+        raise OnnxgrowError(f"unknown method {method!r}; choose one of {', '.join(registry)}")
+    return registry[method]
+
+
+# --- widen ------------------------------------------------------------------------------------------------
 
 
 def widen_sizes(spec: TransformerSpec, factor: float | None = None, hidden: int | None = None,
@@ -57,78 +68,66 @@ def widen_sizes(spec: TransformerSpec, factor: float | None = None, hidden: int 
         raise OnnxgrowError("give --factor or --hidden")
     if factor is not None and hidden is not None:
         raise OnnxgrowError("give either --factor or --hidden, not both")
-    old_hidden, old_heads, old_kv = spec.hidden.size, spec.heads.size, spec.kv_heads.size
+    old_heads, old_kv = spec.heads.size, spec.kv_heads.size
     if factor is not None:
         if factor <= 0:
             raise OnnxgrowError(f"--factor must be positive, got {factor}")
-        hidden = round(old_hidden * factor)
+        hidden = round(spec.hidden.size * factor)
         heads = heads or round(old_heads * factor)
         # multi-query attention stays multi-query: its one kv head serves more query heads
         kv_heads = kv_heads or (heads if spec.group is None else 1 if old_kv == 1 else round(old_kv * factor))
-    ratio = hidden / old_hidden
-    if heads is None:
-        heads = old_heads * ratio
-        if heads != int(heads):
-            raise OnnxgrowError(f"hidden {hidden} does not give a whole number of heads; pass --heads")
-        heads = int(heads)
-    if kv_heads is None:
-        kv_heads = heads if spec.group is None else heads // (old_heads // old_kv)
-    if spec.group is None and kv_heads != heads:
-        raise OnnxgrowError("this model has as many key/value heads as query heads; --kv-heads must equal --heads")
-    if heads % kv_heads:
-        raise OnnxgrowError(f"--heads {heads} is not a multiple of --kv-heads {kv_heads}")
+    heads, kv_heads = head_counts(spec, hidden, heads, kv_heads)
     if old_kv == 1 and kv_heads > 1:
         what = "single-head attention" if spec.group is None else "multi-query attention (one key/value head)"
         raise OnnxgrowError(f"{what}: the key/value head cannot be copied (its axis has size 1 in the graph); "
                             "keep --kv-heads 1")
-    sizes = {spec.hidden: hidden}
-    for d in distinct(b.attention.kv_heads for b in spec.blocks):
-        sizes[d] = kv_heads
-    for d in distinct(b.attention.group for b in spec.blocks):
-        sizes[d] = heads // kv_heads
-    for d in distinct(spec.ffn):
-        sizes[d] = ffn if ffn is not None else round(d.size * ratio)
+    sizes = role_sizes(spec, hidden, heads, kv_heads, ffn)
     for d, n in sizes.items():
         if n < d.size:
             raise OnnxgrowError(f"widen cannot shrink ({d.role} {d.size} -> {n}); use subclone")
     return sizes
 
 
-def load_pass(method: str, choices=WIDEN_METHODS):
-    if method not in choices:
-        raise OnnxgrowError(f"unknown method {method!r}; choose one of {', '.join(choices)}")
-    return importlib.import_module(f"passes.{method}")
-
-
 def widen(model, factor: float | None = None, *, hidden: int | None = None, heads: int | None = None,
           kv_heads: int | None = None, ffn: int | None = None, method: str = "hypercloning",
-          noise: float = 0.0, seed: int = 0) -> onnx.ModelProto:
-    """A wider model that starts from the source's knowledge (function-preserving for hypercloning)."""
-    wide = widen_ir(as_ir(model), factor, hidden=hidden, heads=heads, kv_heads=kv_heads, ffn=ffn,
+          noise: float = 0.0, seed: int = 0):
+    """A wider model that starts from the source's knowledge.
+
+    Args:
+        model: a path, an onnx.ModelProto or an onnx_ir.Model.
+        factor: width multiplier (or give `hidden`); heads follow hidden, head_dim is kept.
+        hidden, heads, kv_heads, ffn: target sizes (each optional, derived from hidden).
+        method: a width pass, one of WIDEN_METHODS; "hypercloning" is function-preserving.
+        noise: symmetry-breaking noise, as a fraction of each weight's std.
+        seed: for the methods that draw random numbers.
+    Returns:
+        the wider model, of the kind given (a ModelProto for a path).
+    """
+    wide = widen_ir(modelio.as_ir(model), factor, hidden=hidden, heads=heads, kv_heads=kv_heads, ffn=ffn,
                     method=method, noise=noise, seed=seed)
-    return ir.to_proto(wide)
+    return modelio.same_kind(wide, model)
 
 
-def widen_ir(model: ir.Model, factor=None, *, hidden=None, heads=None, kv_heads=None, ffn=None,
-             method="hypercloning", noise=0.0, seed=0, spec: TransformerSpec | None = None) -> ir.Model:
-    """Widen `model` in place (`spec`: its structure, when the caller has found it already)."""
-    method_pass = load_pass(method)
+def widen_ir(model, factor=None, *, hidden=None, heads=None, kv_heads=None, ffn=None,
+             method="hypercloning", noise=0.0, seed=0, spec: TransformerSpec | None = None):
+    """Widen an onnx_ir.Model in place (`spec`: its structure, when the caller has found it already)."""
+    width_pass = load_pass(method, WIDTH_PASSES)
     if noise < 0:
         raise OnnxgrowError(f"--noise must be non-negative, got {noise}")
     spec = spec or load_structure(model)
+    width_pass.check(spec)
     sizes = widen_sizes(spec, factor, hidden, heads, kv_heads, ffn)
-    plans = method_pass.plans(spec, sizes, seed=seed)
-    resizer = Resizer(spec, plans)
-    model = resizer.apply(method_pass.rule(noise=noise, seed=seed))
-    if hasattr(method_pass, "after"):
-        method_pass.after(spec, resizer)
-    model.metadata_props["onnxgrow.history"] = (
-        model.metadata_props.get("onnxgrow.history", "") + f"widen:{method}:" +
-        ",".join(sorted({f"{d.role}={n}" for d, n in sizes.items()})) + ";")
+    log.debug("widen %s: %s", method, describe(sizes))
+    resizer = Resizer(spec, width_pass.plans(spec, sizes, seed=seed))
+    model = resizer.apply(width_pass.rule(noise=noise, seed=seed))
+    width_pass.after(spec, resizer)
+    append_history(model, f"widen:{method}:{describe(sizes)}")
     return model
 
 
 def default_output(path: Path, suffix: str) -> Path:
+    """`model.SUFFIX.onnx` next to `model.onnx`."""
+    path = Path(path)
     name = path.name[:-5] if path.name.endswith(".onnx") else path.name
     return path.with_name(f"{name}.{suffix}.onnx")
 
@@ -137,31 +136,30 @@ def factor_label(factor: float) -> str:
     return str(int(factor)) if float(factor).is_integer() else f"{factor:g}"
 
 
-def describe_sizes(spec: TransformerSpec) -> str:
-    c = spec.config()
-    return (f"hidden {c['hidden_size']}, {c['num_layers']} layers, {c['num_heads']} heads "
-            f"({c['num_kv_heads']} kv), ffn {c['ffn_size']}")
-
-
-def is_close(a: float, b: float) -> bool:
-    return math.isclose(a, b, rel_tol=1e-9)
+# --- deepen -----------------------------------------------------------------------------------------------
 
 
 def deepen(model, layers: int | None = None, *, factor: int | None = None, method: str = "identity",
-           at: list[int] | None = None, noise: float = 0.0, seed: int = 0) -> onnx.ModelProto:
-    """A deeper model: new blocks are identities (exact), or copies of trained blocks."""
-    return ir.to_proto(deepen_ir(as_ir(model), layers, factor=factor, method=method, at=at,
-                                 noise=noise, seed=seed))
+           at: list[int] | None = None, noise: float = 0.0, seed: int = 0):
+    """A deeper model: new blocks are identities (exact), or copies of trained blocks.
+
+    Args:
+        model: a path, an onnx.ModelProto or an onnx_ir.Model.
+        layers: target number of blocks (or give `factor`, or only `at`).
+        factor: depth multiplier.
+        method: a depth pass, one of DEEPEN_METHODS; "identity" is function-preserving.
+        at: insert a new block after each of these block indices (0-based).
+        noise: noise on the copied blocks' weights, as a fraction of each weight's std.
+        seed: for the noise.
+    Returns:
+        the deeper model, of the kind given (a ModelProto for a path).
+    """
+    deep = deepen_ir(modelio.as_ir(model), layers, factor=factor, method=method, at=at, noise=noise, seed=seed)
+    return modelio.same_kind(deep, model)
 
 
-def deepen_ir(model: ir.Model, layers=None, *, factor=None, method="identity", at=None, noise=0.0,
-              seed=0, spec: TransformerSpec | None = None) -> ir.Model:
-    """Deepen `model` in place (`spec`: its structure, when the caller has found it already)."""
-    from .blocks import block_graphs, insert_after, record_io_names
-    from .resize import set_tensor
-    method_pass = load_pass(method, DEEPEN_METHODS)
-    spec = spec or load_structure(model)
-    num = len(spec.blocks)
+def deepen_target(num: int, layers, factor, at) -> int:
+    """The target number of blocks, from exactly one of layers, factor or the `at` positions."""
     if layers is not None and factor is not None:
         raise OnnxgrowError("give --layers or --factor, not both")
     if layers is None and factor is None and at is None:
@@ -175,7 +173,20 @@ def deepen_ir(model: ir.Model, layers=None, *, factor=None, method="identity", a
             raise OnnxgrowError(f"--at lists {len(at)} new blocks but the target adds {target - num}")
     if target <= num:
         raise OnnxgrowError(f"deepen needs more layers than the model's {num}; got {target}")
-    plan = method_pass.plan(spec, target, at)
+    return target
+
+
+def deepen_ir(model, layers=None, *, factor=None, method="identity", at=None, noise=0.0,
+              seed=0, spec: TransformerSpec | None = None):
+    """Deepen an onnx_ir.Model in place (`spec`: its structure, when the caller has found it already)."""
+    from .blocks import block_graphs, insert_after, record_io_names
+    from .resize import set_tensor
+    depth_pass = load_pass(method, DEPTH_PASSES)
+    spec = spec or load_structure(model)
+    target = deepen_target(len(spec.blocks), layers, factor, at)
+    depth_pass.check(spec)
+    plan = depth_pass.plan(spec, target, at)
+    log.debug("deepen %s: insert %s", method, plan)
     blocks = block_graphs(spec)
     before = set(model.graph.initializers)
     zeroed = insert_after(model.graph, blocks, plan)
@@ -192,6 +203,90 @@ def deepen_ir(model: ir.Model, layers=None, *, factor=None, method="identity", a
             if v.const_value.dtype.is_floating_point() and w.ndim >= 1:
                 x = w.astype(np.float64)
                 set_tensor(v, (x + rng.normal(0, noise * float(x.std()), w.shape)).astype(w.dtype))
-    model.metadata_props["onnxgrow.history"] = (
-        model.metadata_props.get("onnxgrow.history", "") + f"deepen:{method}:layers={target};")
+    append_history(model, f"deepen:{method}:layers={target}")
     return model
+
+
+# --- subclone, validate, train ----------------------------------------------------------------------------
+
+
+def subclone(model, calib=None, *, tokenizer=None, use_bytes: bool = False, samples: int = 64, seq: int = 64,
+             allow_random_calib: bool = False, hidden: int | None = None, heads: int | None = None,
+             kv_heads: int | None = None, ffn: int | None = None, layers: int | None = None,
+             keep_layers: list[int] | None = None, rescale: str = "norm", provider: str = "auto",
+             return_details: bool = False):
+    """A smaller model whose weights are chosen from `model`'s (Weight subcloning).
+
+    Args:
+        model: the larger source: a path, an onnx.ModelProto or an onnx_ir.Model.
+        calib: calibration data: a 1-D array of token ids, or a path to text (with `tokenizer`, or
+            `use_bytes`) or to a .npy of ids. None ranks on random ids, only with allow_random_calib.
+        samples, seq: calibration windows and tokens per window (90% rank, 10% are held out).
+        hidden, heads, kv_heads, ffn: target sizes (heads follow hidden unless given).
+        layers, keep_layers: target number of blocks, or exactly which blocks to keep.
+        rescale: "norm" (match norm statistics), "sqrt" (the paper's sqrt(D/d)) or "none".
+        provider: ONNX Runtime provider for calibration: auto, cuda or cpu.
+        return_details: also return the onnxgrow.subclone.SubcloneResult (kept hidden indices,
+            removed blocks and their measured updates, sizes, the held-out windows).
+    Returns:
+        the smaller model, of the kind given (a ModelProto for a path); with return_details,
+        the pair (model, SubcloneResult).
+    """
+    from .subclone import subclone_model
+    result = subclone_model(modelio.as_ir(model), calib, tokenizer=tokenizer, use_bytes=use_bytes,
+                            samples=samples, seq=seq, allow_random_calib=allow_random_calib, hidden=hidden,
+                            heads=heads, kv_heads=kv_heads, ffn=ffn, layers=layers, keep_layers=keep_layers,
+                            rescale=rescale, provider=provider)
+    small = modelio.same_kind(result.model, model)
+    return (small, result) if return_details else small
+
+
+def validate(source, target, **options):
+    """Run `source` and `target` in ONNX Runtime on the same inputs and compare every output.
+
+    Args:
+        source, target: each a path, an onnx.ModelProto or an onnx_ir.Model (models are written to
+            a temporary folder first: ONNX Runtime reads files).
+        options: as onnxgrow.validate.validate: provider, inputs (.npz), tolerance, text and
+            tokenizer, shapes, past_length, seed.
+    Returns:
+        an onnxgrow.validate.Report: `.passed`, `.exit_code` (0 or 1), `.to_dict()`, `.print(console)`.
+    """
+    from .validate import validate as run_validation
+    with tempfile.TemporaryDirectory(prefix="onnxgrow-validate-") as tmp:
+        paths = [as_path(m, Path(tmp) / name) for m, name in ((source, "source.onnx"), (target, "target.onnx"))]
+        return run_validation(*paths, **options)
+
+
+def as_path(model, where: Path) -> Path:
+    """`model` as a file ONNX Runtime can open: a path as it is, a model saved at `where`."""
+    if isinstance(model, (str, os.PathLike)):
+        return Path(model)
+    modelio.save(modelio.as_ir(model), where)  # a copy: saving sets the IR version it writes
+    return where
+
+
+def train(model, data, *, output=None, return_summary: bool = False, **options):
+    """Continue training `model` in torch (needs the `train` extra) and write it back to ONNX.
+
+    Args:
+        model: a path, an onnx.ModelProto or an onnx_ir.Model.
+        data: training text (with tokenizer= or use_bytes=True) or a .npy of token ids.
+        output: where to write the trained model (default: next to a model path, `*.trained.onnx`;
+            a temporary folder for a model given in memory).
+        options: as onnxgrow.train.train: steps (required), batch, seq, lr, device, distill_from,
+            alpha, objective, resume, tokenizer, use_bytes, force, ...
+        return_summary: also return the summary dict (losses, tokens/s, output and plot paths).
+    Returns:
+        the trained model, of the kind given (a ModelProto for a path); with return_summary, the
+        pair (model, summary).
+    """
+    from . import train as training  # through the package: onnxgrow.train stays callable (__init__.py)
+    with tempfile.TemporaryDirectory(prefix="onnxgrow-train-") as tmp:
+        path = as_path(model, Path(tmp) / "model.onnx")
+        if output is None and not isinstance(model, (str, os.PathLike)):
+            output = Path(tmp) / "trained.onnx"
+        summary = training.train(path, data, output=output, **options)
+        trained = onnx.load(str(summary["output"]))  # weights in memory: the folder may be temporary
+    result = modelio.same_kind(modelio.as_ir(trained, copy=False), model)
+    return (result, summary) if return_summary else result

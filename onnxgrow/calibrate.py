@@ -16,6 +16,7 @@ import onnx_ir as ir
 from rich.progress import Progress
 
 from .errors import OnnxgrowError
+from .modelio import as_ir
 from .validate import open_session, plan_inputs, run_model
 
 
@@ -50,7 +51,6 @@ def mean_abs(model: ir.Model, probes: dict[str, ir.Value], ids: np.ndarray, batc
     "before->after": how much a block changes the stream.
     """
     plan = plan_inputs(model)
-    from .api import as_ir
     probe_model = as_ir(model)  # a copy that still finds its external data
     by_name = {v.name: v for n in probe_model.graph for v in n.outputs}
     for v in probe_model.graph.inputs:

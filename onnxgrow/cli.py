@@ -1,15 +1,20 @@
-"""The `onnxgrow` command line.
+"""The `onnxgrow` command line: it parses options, calls the API (onnxgrow/api.py) and prints.
 
-Every command turns an OnnxgrowError into one line on stderr and its exit code (2 bad input, 1 not
-preserved); anything unexpected is also reported in one line (set ONNXGROW_DEBUG=1 for the traceback).
+Errors end here, in one line on stderr. An OnnxgrowError is a problem with the input or a check that
+failed: its message and its exit code (onnxgrow/errors.py: 2 bad input, 1 not preserved, 3 onnxgrow's
+own output failed a check). Any other exception is a bug in onnxgrow: "internal error", a request to
+report it, and exit code 3. `--verbose` (or ONNXGROW_DEBUG=1) logs at debug level and adds the
+traceback after the line.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import api, modelio
-from .errors import BAD_INPUT, NOT_PRESERVED, OnnxgrowError
+from .errors import INTERNAL, NOT_PRESERVED, OnnxgrowError, first_line
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Grow and shrink pretrained transformers at the ONNX graph level.")
@@ -26,6 +31,38 @@ out = Console()
 err = Console(stderr=True)
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default" / "tiny-gpt2.onnx"
+verbose_mode = False  # set by --verbose, or ONNXGROW_DEBUG=1
+
+
+@app.callback()
+def main_options(verbose: bool = typer.Option(False, "--verbose", "-v",
+                                              help="log details and show tracebacks of internal errors")):
+    """Grow and shrink pretrained transformers at the ONNX graph level."""
+    global verbose_mode
+    verbose_mode = verbose or os.environ.get("ONNXGROW_DEBUG", "") not in ("", "0")
+    configure_logging(verbose_mode)
+
+
+class StderrHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it is when a record is logged (test runners swap it per command)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def configure_logging(verbose: bool) -> None:
+    """onnxgrow's loggers to stderr: debug when verbose, warnings otherwise."""
+    logger = logging.getLogger("onnxgrow")
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    if not any(isinstance(h, StderrHandler) for h in logger.handlers):
+        handler = StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
 
 
 def one_line_errors(fn):
@@ -35,17 +72,23 @@ def one_line_errors(fn):
             return fn(*args, **kwargs)
         except OnnxgrowError as e:
             err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            if verbose_mode and e.__cause__ is not None:
+                print_traceback(e)
             raise typer.Exit(e.exit_code)
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
             raise
-        except Exception as e:  # a bug or an unforeseen input: still one line, never a traceback
-            if os.environ.get("ONNXGROW_DEBUG"):
-                raise
-            first = str(e).splitlines()[0] if str(e) else ""
-            err.print(f"[red]error:[/red] internal error ({type(e).__name__}): {first}", highlight=False,
-                      soft_wrap=True)
-            raise typer.Exit(BAD_INPUT)
+        except Exception as e:  # not raised on purpose: a bug in onnxgrow, reported as one
+            err.print(f"[red]error:[/red] internal error ({type(e).__name__}): {first_line(e)} — this is a bug "
+                      "in onnxgrow; please report it (run with --verbose for the traceback)",
+                      highlight=False, soft_wrap=True)
+            if verbose_mode:
+                print_traceback(e)
+            raise typer.Exit(INTERNAL)
     return wrapper
+
+
+def print_traceback(e: BaseException) -> None:
+    sys.stderr.write("".join(traceback.format_exception(type(e), e, e.__traceback__)))
 
 
 def config_table(title: str, *configs: dict, headers=("value",)) -> Table:
@@ -130,7 +173,7 @@ def widen(model: Path = typer.Argument(..., help="source ONNX model"),
                         method=method, noise=noise, seed=seed, spec=spec)
     label = f"widen{api.factor_label(factor)}x" if factor else f"widen-h{hidden}"
     output = output or api.default_output(model, label)
-    exact = api.load_pass(method).EXACT
+    exact = api.WIDTH_PASSES[method].exact
     report = write_checked(wide, model, output, force, exact, verify)
     after = api.load_structure(wide).config()
     out.print(config_table(f"{model} -> {output} ({method})", before, after, headers=("source", "target")))
@@ -158,7 +201,7 @@ def deepen(model: Path = typer.Argument(..., help="source ONNX model"),
                          spec=spec)
     after = api.load_structure(deep).config()
     output = output or api.default_output(model, f"deepen-l{after['num_layers']}")
-    exact = api.load_pass(method, api.DEEPEN_METHODS).EXACT and noise == 0
+    exact = api.DEPTH_PASSES[method].exact and noise == 0
     report = write_checked(deep, model, output, force, exact, verify)
     out.print(config_table(f"{model} -> {output} ({method})", before, after, headers=("source", "target")))
     finish(report, output)
@@ -178,8 +221,8 @@ def parse_list(text: str | None, option: str) -> list[int] | None:
         return None
     try:
         return [int(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise OnnxgrowError(f"{option} takes comma-separated integers, got {text!r}") from None
+    except ValueError as e:
+        raise OnnxgrowError(f"{option} takes comma-separated integers, got {text!r}") from e
 
 
 @app.command()
@@ -204,36 +247,21 @@ def subclone(model: Path = typer.Argument(..., help="source ONNX model (the larg
              output: Optional[Path] = typer.Option(None, "--output", "-o"),
              force: bool = typer.Option(False, help="replace an existing output")):
     """Make a smaller model whose weights are chosen from MODEL's (Weight subcloning)."""
-    import numpy as np
-
-    from . import calibrate
-    from .subclone import subclone_ir
-    from .tokens import load_tokens
+    from .subclone import subclone_model
     source = modelio.load(model)
-    before = api.load_structure(source)
-    source_config = before.config()  # now: the rewrite happens in place
-    if calib is None:
-        if not allow_random_calib:
-            raise OnnxgrowError("subclone ranks neurons on calibration data: give --calib "
-                                "(or --allow-random-calib to rank on random token ids)")
-        tokens = np.random.default_rng(0).integers(0, before.vocab.size, samples * seq * 2)
-    else:
-        tokens = load_tokens(calib, tokenizer, use_bytes)
-    if tokens.size and tokens.max() >= before.vocab.size:
-        raise OnnxgrowError(f"calibration ids reach {tokens.max()}, beyond the vocabulary of {before.vocab.size}")
-    split = int(len(tokens) * 0.9)
-    ids = calibrate.windows(tokens[:split], seq, samples)
-    held_out = calibrate.windows(tokens[split:], min(seq, max(len(tokens) - split, 1)), max(samples // 4, 1))
-    result = subclone_ir(source, ids, hidden=hidden, heads=heads, kv_heads=kv_heads, ffn=ffn, layers=layers,
-                         keep_layers=parse_list(keep_layers, "--keep-layers"), rescale=rescale,
-                         provider=provider, spec=before)
-    output = output or api.default_output(model, f"subclone-h{result.sizes['hidden']}-l{source_config['num_layers'] - len(result.removed_blocks)}")
+    spec = api.load_structure(source)
+    source_config = spec.config()  # now: the rewrite happens in place
+    result = subclone_model(source, calib, tokenizer=tokenizer, use_bytes=use_bytes, samples=samples, seq=seq,
+                            allow_random_calib=allow_random_calib, hidden=hidden, heads=heads, kv_heads=kv_heads,
+                            ffn=ffn, layers=layers, keep_layers=parse_list(keep_layers, "--keep-layers"),
+                            rescale=rescale, provider=provider, spec=spec)
+    output = output or api.default_output(model, result.label)
     modelio.save(result.model, output, input_paths=(model,), force=force)
     if not report:
         out.print(f"wrote {output}")
         return
     try:
-        subclone_report(model, output, source_config, result, held_out, provider)
+        subclone_report(model, output, source_config, result, result.held_out, provider)
     except BaseException:
         output.unlink(missing_ok=True)  # a model we could not describe is not handed out
         raise
@@ -282,10 +310,10 @@ def train(model: Path = typer.Argument(..., help="ONNX model to continue trainin
           output: Optional[Path] = typer.Option(None, "--output", "-o"),
           force: bool = typer.Option(False, help="replace an existing output")):
     """Continue training MODEL in torch and write the trained weights back to ONNX."""
-    from .train import train as run_training
-    summary = run_training(model, data, tokenizer=tokenizer, use_bytes=use_bytes, steps=steps, batch=batch,
-                           seq=seq, lr=lr, device=device, distill_from=distill_from, alpha=alpha,
-                           output=output, resume=resume, objective=objective, force=force, console=out)
+    from . import train as training  # through the package: onnxgrow.train stays callable (__init__.py)
+    summary = training.train(model, data, tokenizer=tokenizer, use_bytes=use_bytes, steps=steps, batch=batch,
+                             seq=seq, lr=lr, device=device, distill_from=distill_from, alpha=alpha,
+                             output=output, resume=resume, objective=objective, force=force, console=out)
     out.print(f"held-out loss {summary['val_loss_start']:.4f} -> {summary['val_loss_end']:.4f} "
               f"({summary['tokens_per_s']:.0f} tokens/s); wrote {summary['output']}, loss curve {summary['plot']}")
 

@@ -9,57 +9,95 @@ residual stream.
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
-from passes import subclone as method
-
 from .blocks import block_graphs, record_io_names, remove_blocks
-from .calibrate import mean_abs
+from .calibrate import mean_abs, windows
 from .dims import atoms
 from .errors import OnnxgrowError
+from .metadata import append_history
+from .passes import subclone as method
 from .resize import Resizer, set_tensor
+from .sizes import head_counts, role_sizes
 from .structure import TransformerSpec, distinct, find_norms, load_structure, parameter_names, weight_of
+
+log = logging.getLogger(__name__)
+
+RESCALE_MODES = ("norm", "sqrt", "none")
 
 
 @dataclass
 class SubcloneResult:
     model: ir.Model
-    kept_hidden: list[int]
+    kept_hidden: list[int]            # the source's hidden indices the subclone keeps, in order
     removed_blocks: list[int]
-    block_updates: list[float]
-    sizes: dict = field(default_factory=dict)
+    block_updates: list[float]        # each source block's relative update of the stream
+    sizes: dict = field(default_factory=dict)  # target size by role
+    layers: int = 0                   # blocks in the subclone
+    held_out: np.ndarray | None = None  # calibration windows not used for ranking (for `fidelity`)
+
+    @property
+    def label(self) -> str:
+        """`subclone-h256-l4`: the default output name's suffix."""
+        return f"subclone-h{self.sizes['hidden']}-l{self.layers}"
 
 
 def target_sizes(spec: TransformerSpec, hidden=None, heads=None, kv_heads=None, ffn=None) -> dict:
     """Target size of each role Dim. head_dim is kept, so heads follow hidden unless given."""
-    old_hidden, old_heads, old_kv = spec.hidden.size, spec.heads.size, spec.kv_heads.size
-    hidden = hidden or old_hidden
-    if heads is None:
-        heads = old_heads * hidden / old_hidden
-        if heads != int(heads) or heads < 1:
-            raise OnnxgrowError(f"hidden {hidden} does not give a whole number of heads; pass --heads")
-        heads = int(heads)
-    group = old_heads // old_kv
-    if kv_heads is None:
-        kv_heads = heads if spec.group is None else max(heads // group, 1)
-    if spec.group is None and kv_heads != heads:
-        raise OnnxgrowError("this model has as many key/value heads as query heads; --kv-heads must equal --heads")
-    if heads % kv_heads:
-        raise OnnxgrowError(f"--heads {heads} is not a multiple of --kv-heads {kv_heads}")
-    sizes = {spec.hidden: hidden}
-    for d in distinct(b.attention.kv_heads for b in spec.blocks):
-        sizes[d] = kv_heads
-    for d in distinct(b.attention.group for b in spec.blocks):
-        sizes[d] = heads // kv_heads
-    for d in distinct(spec.ffn):
-        sizes[d] = ffn or max(round(d.size * hidden / old_hidden), 1)
+    hidden = hidden or spec.hidden.size
+    heads, kv_heads = head_counts(spec, hidden, heads, kv_heads)
+    sizes = role_sizes(spec, hidden, heads, kv_heads, ffn or None)
     for d, n in sizes.items():
         if n > d.size or n < 1:
             raise OnnxgrowError(f"subclone cannot grow or empty a dimension ({d.role} {d.size} -> {n}); use widen")
     return sizes
+
+
+# --- calibration data -------------------------------------------------------------------------------------
+
+
+def calibration_windows(spec: TransformerSpec, calib=None, tokenizer=None, use_bytes: bool = False,
+                        samples: int = 64, seq: int = 64, allow_random: bool = False):
+    """(ranking windows, held-out windows) of token ids: the first 90% of the data ranks, the rest
+    measures fidelity. `calib`: a 1-D array of ids, a path (text, bytes or .npy), or None for random
+    ids (only with allow_random)."""
+    from .tokens import load_tokens
+    if calib is None:
+        if not allow_random:
+            raise OnnxgrowError("subclone ranks neurons on calibration data: give --calib "
+                                "(or --allow-random-calib to rank on random token ids)")
+        tokens = np.random.default_rng(0).integers(0, spec.vocab.size, samples * seq * 2)
+    elif isinstance(calib, (str, os.PathLike)):
+        tokens = load_tokens(calib, tokenizer, use_bytes)
+    else:
+        tokens = np.asarray(calib).reshape(-1)
+        if tokens.dtype.kind not in "iu":
+            raise OnnxgrowError(f"calibration ids must be integers, got {tokens.dtype}")
+    if tokens.size and tokens.max() >= spec.vocab.size:
+        raise OnnxgrowError(f"calibration ids reach {tokens.max()}, beyond the vocabulary of {spec.vocab.size}")
+    split = int(len(tokens) * 0.9)
+    ids = windows(tokens[:split], seq, samples)
+    held_out = windows(tokens[split:], min(seq, max(len(tokens) - split, 1)), max(samples // 4, 1))
+    return ids, held_out
+
+
+def subclone_model(model: ir.Model, calib=None, *, tokenizer=None, use_bytes=False, samples=64, seq=64,
+                   allow_random_calib=False, spec: TransformerSpec | None = None, **options) -> SubcloneResult:
+    """Subclone `model` in place on calibration data (see calibration_windows); `options` as for
+    subclone_ir. The result carries the held-out windows."""
+    spec = spec or load_structure(model)
+    ids, held_out = calibration_windows(spec, calib, tokenizer, use_bytes, samples, seq, allow_random_calib)
+    result = subclone_ir(model, ids, spec=spec, **options)
+    result.held_out = held_out
+    return result
+
+
+# --- the four steps ---------------------------------------------------------------------------------------
 
 
 def data_input(spec: TransformerSpec, proj) -> ir.Value:
@@ -69,15 +107,33 @@ def data_input(spec: TransformerSpec, proj) -> ir.Value:
 def subclone_ir(model: ir.Model, ids: np.ndarray, *, hidden=None, heads=None, kv_heads=None, ffn=None,
                 layers=None, keep_layers: list[int] | None = None, rescale: str = "norm",
                 provider: str = "auto", spec: TransformerSpec | None = None) -> SubcloneResult:
+    """Subclone `model` in place, ranking on the token-id windows `ids` ([windows, tokens])."""
     spec = spec or load_structure(model)
     num = len(spec.blocks)
-    blocks = block_graphs(spec)
     sizes = target_sizes(spec, hidden, heads, kv_heads, ffn)
     target_layers = len(keep_layers) if keep_layers is not None else (layers or num)
     if not 1 <= target_layers <= num:
         raise OnnxgrowError(f"--layers must be between 1 and {num}, got {target_layers}")
+    stats, norms, updates = measure(model, spec, ids, provider)
+    if rescale not in RESCALE_MODES:
+        raise OnnxgrowError(f"--rescale must be norm, sqrt or none, got {rescale!r}")
+    kept = KeptIndices.choose(spec, sizes, stats)
+    keep_everywhere(model, spec, kept, stats, norms, rescale)
+    removed = remove_weak_blocks(model, spec, updates, target_layers, keep_layers)
+    append_history(model, f"subclone:hidden={sizes[spec.hidden]},layers={num - len(removed)},removed={removed}")
+    plans = kept.plans
+    return SubcloneResult(model, plans[spec.hidden].source.tolist() if spec.hidden in plans
+                          else list(range(spec.hidden.size)), removed, updates,
+                          {d.role: n for d, n in sizes.items()}, layers=num - len(removed))
 
-    # 1. importance of every probed activation, and each block's update of the stream
+
+def measure(model: ir.Model, spec: TransformerSpec, ids: np.ndarray, provider: str):
+    """Step 1: mean |activation| of every probed value, and each block's update of the stream.
+
+    Returns (stats, norms, updates): stats as calibrate.mean_abs gives them, under the keys
+    stream{i}, norm{k}, attn{i}, ffn{i}; the norms over the hidden axis; per block ||r_out - r_in|| / ||r_in||.
+    """
+    blocks = block_graphs(spec)
     stream = [b.r_in for b in blocks] + [blocks[-1].r_out]
     probes = {f"stream{i}": v for i, v in enumerate(stream)}
     norms = find_norms(model.graph, spec.flow, spec.hidden)
@@ -87,108 +143,133 @@ def subclone_ir(model: ir.Model, ids: np.ndarray, *, hidden=None, heads=None, kv
         probes[f"attn{i}"] = data_input(spec, b.attention.o_proj)
         if b.ffn is not None:
             probes[f"ffn{i}"] = data_input(spec, b.ffn.down)
-    updates_of = [(f"stream{i}", f"stream{i + 1}") for i in range(num)]
+    updates_of = [(f"stream{i}", f"stream{i + 1}") for i in range(len(spec.blocks))]
     stats = mean_abs(model, probes, ids, provider=provider, updates=updates_of)
     updates = [float(stats[f"{a}->{b}"]) for a, b in updates_of]
+    log.debug("block updates: %s", ", ".join(f"{u:.3f}" for u in updates))
+    return stats, norms, updates
 
-    # 2. the kept indices of every resized Dim, one copy of each group of copies first (un-cloning)
-    if rescale not in ("norm", "sqrt", "none"):
-        raise OnnxgrowError(f"--rescale must be norm, sqrt or none, got {rescale!r}")
-    tied_head = spec.tied_embeddings and spec.lm_head is not None
-    # a tied table cannot carry the copies' factor m on its summed-over axis; the final norm does
-    can_merge_hidden = not tied_head or (spec.final_norm is not None and spec.final_norm.scale is not None)
-    groups = {}
 
-    def choose(d, scores):
-        if sizes[d] == d.size:
-            return None
-        groups[d] = copies(spec, d) if d is not spec.hidden or can_merge_hidden else np.arange(d.size)
-        return method.keep_top_groups(method.group_mean(scores, groups[d]), sizes[d], groups[d])
+@dataclass
+class KeptIndices:
+    """Step 2: the kept indices of every resized Dim, one copy of each group of copies first.
 
-    chosen = {}
-    hidden_scores = sum(stats[f"stream{i}"] for i in range(1, num + 1))
-    chosen[spec.hidden] = choose(spec.hidden, hidden_scores)
-    for d in distinct(spec.ffn):
-        scores = sum(stats[f"ffn{i}"] for i, b in enumerate(spec.blocks)
-                     if b.ffn is not None and spec.ffn[i].root() is d)
-        chosen[d] = choose(d, scores)
-    for attr_name in ("kv_heads", "group"):
-        for d in distinct(getattr(b.attention, attr_name) for b in spec.blocks):
-            scores = sum(method.head_scores(stats[f"attn{i}"], contracted_dim(spec, b.attention.o_proj), d)
-                         for i, b in enumerate(spec.blocks) if getattr(b.attention, attr_name).root() is d)
-            chosen[d] = choose(d, scores)
-    chosen = {d: c for d, c in chosen.items() if c is not None}
-    plans = {d: plan for d, (plan, _) in chosen.items()}
-    # m / r per kept index of each Dim that merged copies; distinct units before and after, per Dim
-    merge = {id(d.root()): f for d, (_, f) in chosen.items() if (f != 1).any()}
-    units = {id(d.root()): (len(np.unique(groups[d])), len(np.unique(groups[d][plans[d].source]))) for d in plans}
+    plans: {Dim: Plan}; groups: {Dim: per index, the first index of its group of copies};
+    merge: {atom id: per kept index, the factor m / r of its group}, for Dims that merged copies;
+    units: {atom id: (distinct units before, after)}.
+    """
+    plans: dict
+    groups: dict
+    merge: dict
+    units: dict
 
-    # 3. keep them everywhere: merged copies' factors on summed-over axes, then the rescale
-    resizer = Resizer(spec, plans)
-    tied = resizer.tied_tables()
-    final = {spec.final_norm.scale, spec.final_norm.bias} - {None} if tied and spec.final_norm else set()
+    @classmethod
+    def choose(cls, spec: TransformerSpec, sizes: dict, stats: dict) -> KeptIndices:
+        tied_head = spec.tied_embeddings and spec.lm_head is not None
+        # a tied table cannot carry the copies' factor m on its summed-over axis; the final norm does
+        can_merge_hidden = not tied_head or (spec.final_norm is not None and spec.final_norm.scale is not None)
+        num = len(spec.blocks)
+        scores = {spec.hidden: sum(stats[f"stream{i}"] for i in range(1, num + 1))}
+        for d in distinct(spec.ffn):
+            scores[d] = sum(stats[f"ffn{i}"] for i, b in enumerate(spec.blocks)
+                            if b.ffn is not None and spec.ffn[i].root() is d)
+        for attr_name in ("kv_heads", "group"):
+            for d in distinct(getattr(b.attention, attr_name) for b in spec.blocks):
+                scores[d] = sum(method.head_scores(stats[f"attn{i}"], contracted_dim(spec, b.attention.o_proj), d)
+                                for i, b in enumerate(spec.blocks) if getattr(b.attention, attr_name).root() is d)
+        groups, chosen = {}, {}
+        for d, s in scores.items():
+            if sizes[d] == d.size:
+                continue
+            groups[d] = copies(spec, d) if d is not spec.hidden or can_merge_hidden else np.arange(d.size)
+            chosen[d] = method.keep_top_groups(method.group_mean(s, groups[d]), sizes[d], groups[d])
+        plans = {d: plan for d, (plan, _) in chosen.items()}
+        merge = {id(d.root()): f for d, (_, f) in chosen.items() if (f != 1).any()}
+        units = {id(d.root()): (len(np.unique(groups[d])), len(np.unique(groups[d][plans[d].source])))
+                 for d in plans}
+        return cls(plans, groups, merge, units)
 
-    def uncloned(name, new, dims):
-        for axis in set() if name in tied else spec.flow.contracted.get(name, set()):
-            f = method.axis_factors(dims[axis], merge)
-            if (f != 1).any():
-                new = new * f.reshape([-1 if a == axis else 1 for a in range(new.ndim)]).astype(new.dtype)
-        if name in final:  # the tied head's factor, on its input (as HyperCloning puts its 1/n there)
-            f = method.axis_factors(spec.hidden, merge)
-            if (f != 1).any():
-                new = new * f.astype(new.dtype)
-        return new
 
-    if rescale == "sqrt":
-        def rescaled(name, old, new, dims):
-            if name in tied:
-                return new
-            contracted = spec.flow.contracted.get(name, set())
-            counts = {a: (method.distinct_count(dims[a], {k: u[0] for k, u in units.items()}),
-                          method.distinct_count(dims[a], {k: u[1] for k, u in units.items()})) for a in contracted}
-            return method.rescale(contracted, old, new, counts)
-    elif rescale == "norm" and spec.hidden in plans:
-        kept, hidden_groups = plans[spec.hidden].source, groups[spec.hidden]
-        gains = {n.scale: method.norm_gain(method.group_mean(stats[f"norm{k}^2"], hidden_groups), kept)
-                 for k, n in enumerate(norms) if n.scale is not None}
-
-        def rescaled(name, old, new, dims):
-            return (new * gains[name]).astype(new.dtype) if name in gains else new
-    else:
-        rescaled = None
-
-    def hook(name, old, new, dims):
-        new = uncloned(name, new, dims) if merge else new
-        return rescaled(name, old, new, dims) if rescaled else new
-
-    resizer.apply(method.rule(), weight_hook=hook if merge or rescaled else None)
-    if rescale == "sqrt" and tied and spec.final_norm is not None and spec.hidden in plans:
-        before, after = units[id(spec.hidden.root())]
+def keep_everywhere(model: ir.Model, spec: TransformerSpec, kept: KeptIndices, stats: dict, norms: list,
+                    rescale: str) -> None:
+    """Step 3: keep the chosen indices in every weight, with merged copies' factors on summed-over
+    axes, then the rescale (see passes/subclone.py, points 4 and 5)."""
+    resizer = Resizer(spec, kept.plans)
+    hook = KeptWeights(spec, kept, resizer.tied_tables(), rescale)
+    if rescale == "norm" and spec.hidden in kept.plans:
+        hidden_kept, hidden_groups = kept.plans[spec.hidden].source, kept.groups[spec.hidden]
+        hook.gains = {n.scale: method.norm_gain(method.group_mean(stats[f"norm{k}^2"], hidden_groups), hidden_kept)
+                      for k, n in enumerate(norms) if n.scale is not None}
+    resizer.apply(method.rule(), weight_hook=hook if hook.needed else None)
+    if rescale == "sqrt" and hook.tied and spec.final_norm is not None and spec.hidden in kept.plans:
+        before, after = kept.units[id(spec.hidden.root())]
         factor = np.sqrt(before / after)  # the tied head's share, on its input
         for pname in (spec.final_norm.scale, spec.final_norm.bias):
             if pname:
                 v = model.graph.initializers[pname]
                 set_tensor(v, (v.const_value.numpy() * factor).astype(v.const_value.numpy().dtype))
 
-    # 4. remove blocks
+
+class KeptWeights:
+    """The resize engine's weight hook: each kept weight, un-cloned, then rescaled."""
+
+    def __init__(self, spec: TransformerSpec, kept: KeptIndices, tied: set[str], rescale: str):
+        self.spec, self.kept, self.tied, self.rescale = spec, kept, tied, rescale
+        # the tied head's factor goes on the final norm, its input (as HyperCloning puts its 1/n there)
+        self.final = {spec.final_norm.scale, spec.final_norm.bias} - {None} if tied and spec.final_norm else set()
+        self.gains: dict[str, float] = {}  # mode "norm": each norm scale's factor r
+
+    @property
+    def needed(self) -> bool:
+        return bool(self.kept.merge) or self.rescale == "sqrt" or bool(self.gains)
+
+    def __call__(self, name, old, new, dims):
+        if self.kept.merge:
+            new = self.uncloned(name, new, dims)
+        if self.rescale == "sqrt":
+            return self.sqrt_rescaled(name, old, new, dims)
+        return (new * self.gains[name]).astype(new.dtype) if name in self.gains else new
+
+    def uncloned(self, name, new, dims):
+        merge = self.kept.merge
+        for axis in set() if name in self.tied else self.spec.flow.contracted.get(name, set()):
+            f = method.axis_factors(dims[axis], merge)
+            if (f != 1).any():
+                new = new * f.reshape([-1 if a == axis else 1 for a in range(new.ndim)]).astype(new.dtype)
+        if name in self.final:
+            f = method.axis_factors(self.spec.hidden, merge)
+            if (f != 1).any():
+                new = new * f.astype(new.dtype)
+        return new
+
+    def sqrt_rescaled(self, name, old, new, dims):
+        if name in self.tied:
+            return new
+        contracted = self.spec.flow.contracted.get(name, set())
+        units = self.kept.units
+        counts = {a: (method.distinct_count(dims[a], {k: u[0] for k, u in units.items()}),
+                      method.distinct_count(dims[a], {k: u[1] for k, u in units.items()})) for a in contracted}
+        return method.rescale(contracted, old, new, counts)
+
+
+def remove_weak_blocks(model: ir.Model, spec: TransformerSpec, updates: list[float], target_layers: int,
+                       keep_layers: list[int] | None) -> list[int]:
+    """Step 4: remove the blocks not in keep_layers, or those that update the stream least."""
+    num = len(spec.blocks)
     if keep_layers is not None:
         bad = [k for k in keep_layers if not 0 <= k < num]
         if bad or len(set(keep_layers)) != len(keep_layers):
             raise OnnxgrowError(f"--keep-layers must list distinct block indices 0..{num - 1}, got {keep_layers}")
         removed = [i for i in range(num) if i not in keep_layers]
     else:
+        blocks = block_graphs(spec)
         removable = {i for i, b in enumerate(blocks) if not b.r_out.is_graph_output()}
         removed = method.blocks_to_remove(updates, target_layers, removable)
     if removed:
         fresh = load_structure(model)
         remove_blocks(fresh, block_graphs(fresh), removed)
         record_io_names(model)
-    model.metadata_props["onnxgrow.history"] = (
-        model.metadata_props.get("onnxgrow.history", "") +
-        f"subclone:hidden={sizes[spec.hidden]},layers={num - len(removed)},removed={removed};")
-    return SubcloneResult(model, plans[spec.hidden].source.tolist() if spec.hidden in plans
-                          else list(range(spec.hidden.size)), removed, updates,
-                          {d.role: n for d, n in sizes.items()})
+    return removed
 
 
 def copies(spec: TransformerSpec, d) -> np.ndarray:

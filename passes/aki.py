@@ -16,9 +16,30 @@ from __future__ import annotations
 import numpy as np
 
 from onnxgrow.blocks import block_graphs
-from passes.fpi import plans, rule  # noqa: F401  (AKI starts from FPI's copy maps and rule)
+from onnxgrow.resize import set_tensor
 
-EXACT = False
+from .fpi import FPI
+
+
+class AKI(FPI):
+    """FPI's copy maps and rule, then each new neuron borrows its incoming weights from layer l+1."""
+    name = "aki"
+    exact = False
+
+    def after(self, spec, resizer) -> None:
+        graph = spec.model.graph
+        blocks = block_graphs(spec)
+        lists = [block_weights(spec, resizer, b) for b in blocks]
+        for lower, upper in zip(lists, lists[1:]):
+            if len(lower) != len(upper):
+                continue  # blocks differ in structure: keep FPI for this pair
+            for name, above in zip(lower, upper):
+                w, u = graph.initializers[name], graph.initializers[above]
+                if w.const_value.shape != u.const_value.shape:
+                    continue
+                new = borrow_new_neurons(spec, resizer, name, w.const_value.numpy(), u.const_value.numpy())
+                if new is not None:
+                    set_tensor(w, new)
 
 
 def block_weights(spec, resizer, block) -> list[str]:
@@ -31,23 +52,6 @@ def block_weights(spec, resizer, block) -> list[str]:
                     and any(resizer.touches(d) for d in spec.flow.dims[v]):
                 names.append(v.name)
     return names
-
-
-def after(spec, resizer) -> None:
-    graph = spec.model.graph
-    blocks = block_graphs(spec)
-    lists = [block_weights(spec, resizer, b) for b in blocks]
-    for lower, upper in zip(lists, lists[1:]):
-        if len(lower) != len(upper):
-            continue  # blocks differ in structure: keep FPI for this pair
-        for name, above in zip(lower, upper):
-            w, u = graph.initializers[name], graph.initializers[above]
-            if w.const_value.shape != u.const_value.shape:
-                continue
-            new = borrow_new_neurons(spec, resizer, name, w.const_value.numpy(), u.const_value.numpy())
-            if new is not None:
-                from onnxgrow.resize import set_tensor
-                set_tensor(w, new)
 
 
 def borrow_new_neurons(spec, resizer, name, mine: np.ndarray, upper: np.ndarray):

@@ -20,17 +20,23 @@ import numpy as np
 
 from onnxgrow.resize import Plan, WeightRule
 
-EXACT = False
+from .base import WidthPass
 
 
 def choose(old: int, new: int, rng: np.random.Generator) -> Plan:
     return Plan(np.concatenate([np.arange(old), rng.integers(0, old, new - old)]))
 
 
-def plans(spec, sizes: dict, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    return {dim: choose(dim.size, new, rng) for dim, new in sizes.items() if new != dim.size}
+class FPI(WidthPass):
+    name = "fpi"
+    exact = False
+
+    def plans(self, spec, sizes: dict, seed: int = 0) -> dict:
+        rng = np.random.default_rng(seed)
+        return {dim: choose(dim.size, new, rng) for dim, new in sizes.items() if new != dim.size}
+
+    def rule(self, noise: float = 0.0, seed: int = 0) -> WeightRule:
+        return WeightRule(divide_by_copies=True, noise=noise, fill="zeros", seed=seed)
 
 
-def rule(noise: float = 0.0, seed: int = 0) -> WeightRule:
-    return WeightRule(divide_by_copies=True, noise=noise, fill="zeros", seed=seed)
+rule = FPI().rule  # the weight rule alone, for callers that build their own plans

@@ -23,7 +23,7 @@ import numpy as np
 from onnxgrow.errors import OnnxgrowError
 from onnxgrow.resize import Plan, WeightRule
 
-EXACT = True
+from .base import WidthPass
 
 
 def tile(old: int, new: int) -> Plan:
@@ -32,10 +32,12 @@ def tile(old: int, new: int) -> Plan:
     return Plan(np.arange(new) % old)
 
 
-def plans(spec, sizes: dict, seed: int = 0) -> dict:
-    """sizes: the target size of each role Dim (hidden, kv heads, group, each FFN)."""
-    return {dim: tile(dim.size, new) for dim, new in sizes.items() if new != dim.size}
+class HyperCloning(WidthPass):
+    name = "hypercloning"
+    exact = True
 
+    def plans(self, spec, sizes: dict, seed: int = 0) -> dict:
+        return {dim: tile(dim.size, new) for dim, new in sizes.items() if new != dim.size}
 
-def rule(noise: float = 0.0, seed: int = 0) -> WeightRule:
-    return WeightRule(divide_by_copies=True, noise=noise, fill="zeros", seed=seed)
+    def rule(self, noise: float = 0.0, seed: int = 0) -> WeightRule:
+        return WeightRule(divide_by_copies=True, noise=noise, fill="zeros", seed=seed)

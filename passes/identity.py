@@ -10,9 +10,11 @@ and LN(x) != x, so they cannot be made an identity this way: they are refused.
 
 from __future__ import annotations
 
-from onnxgrow.errors import OnnxgrowError
+from .base import DepthPass, Requirement
 
-EXACT = True
+PRE_NORM = Requirement(
+    "pre-norm blocks", lambda spec: spec.norm_position == "pre",
+    "identity blocks need pre-norm blocks (LN(x + 0) != x in a post-norm model); use --method stack or interleave")
 
 
 def spread(num_blocks: int, new: int) -> list[int]:
@@ -21,13 +23,19 @@ def spread(num_blocks: int, new: int) -> list[int]:
                   else t % num_blocks for t in range(new))
 
 
-def plan(spec, target: int, at: list[int] | None) -> dict[int, list[tuple[int, bool]]]:
-    if spec.norm_position != "pre":
-        raise OnnxgrowError("identity blocks need pre-norm blocks (LN(x + 0) != x in a post-norm model); "
-                            "use --method stack or interleave")
-    num = len(spec.blocks)
-    positions = at if at is not None else spread(num, target - num)
+def copies_in_place(num_blocks: int, target: int, at: list[int] | None, zero_output: bool) -> dict:
+    """Each new block a copy of the block it follows: at `at`, or spread evenly."""
+    positions = at if at is not None else spread(num_blocks, target - num_blocks)
     result: dict[int, list[tuple[int, bool]]] = {}
     for p in positions:
-        result.setdefault(p, []).append((p, True))
+        result.setdefault(p, []).append((p, zero_output))
     return result
+
+
+class Identity(DepthPass):
+    name = "identity"
+    exact = True
+    requires = (PRE_NORM,)
+
+    def plan(self, spec, target: int, at: list[int] | None) -> dict[int, list[tuple[int, bool]]]:
+        return copies_in_place(len(spec.blocks), target, at, zero_output=True)

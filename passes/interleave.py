@@ -6,15 +6,13 @@ Not function-preserving: the copy runs again on the block's output.
 
 from __future__ import annotations
 
-from passes.identity import spread
+from .base import DepthPass
+from .identity import copies_in_place
 
-EXACT = False
 
+class Interleave(DepthPass):
+    name = "interleave"
+    exact = False
 
-def plan(spec, target: int, at: list[int] | None) -> dict[int, list[tuple[int, bool]]]:
-    num = len(spec.blocks)
-    positions = at if at is not None else spread(num, target - num)
-    result: dict[int, list[tuple[int, bool]]] = {}
-    for p in positions:
-        result.setdefault(p, []).append((p, False))
-    return result
+    def plan(self, spec, target: int, at: list[int] | None) -> dict[int, list[tuple[int, bool]]]:
+        return copies_in_place(len(spec.blocks), target, at, zero_output=False)

@@ -12,13 +12,17 @@ import numpy as np
 
 from onnxgrow.resize import Plan, WeightRule
 
-EXACT = False
+from .base import WidthPass
 
 
-def plans(spec, sizes: dict, seed: int = 0) -> dict:
-    return {dim: Plan(np.concatenate([np.arange(dim.size), -np.ones(new - dim.size, dtype=np.int64)]))
-            for dim, new in sizes.items() if new != dim.size}
+class Pad(WidthPass):
+    name = "pad"
+    exact = False
 
+    def plans(self, spec, sizes: dict, seed: int = 0) -> dict:
+        # -1: a new index with no source, filled by the rule
+        return {dim: Plan(np.concatenate([np.arange(dim.size), -np.ones(new - dim.size, dtype=np.int64)]))
+                for dim, new in sizes.items() if new != dim.size}
 
-def rule(noise: float = 0.0, seed: int = 0) -> WeightRule:
-    return WeightRule(divide_by_copies=False, noise=noise, fill="noise" if noise > 0 else "zeros", seed=seed)
+    def rule(self, noise: float = 0.0, seed: int = 0) -> WeightRule:
+        return WeightRule(divide_by_copies=False, noise=noise, fill="noise" if noise > 0 else "zeros", seed=seed)

@@ -6,11 +6,16 @@ Not function-preserving: every block runs again on its own output.
 
 from __future__ import annotations
 
-EXACT = False
+from .base import DepthPass
 
 
-def plan(spec, target: int, at: list[int] | None) -> dict[int, list[tuple[int, bool]]]:
-    num = len(spec.blocks)
-    extra = target - num
-    sources = list(range(num)) * (extra // num) + list(range(num - extra % num, num))
-    return {num - 1: [(j, False) for j in sources]}
+class Stack(DepthPass):
+    name = "stack"
+    exact = False
+
+    def plan(self, spec, target: int, at: list[int] | None) -> dict[int, list[tuple[int, bool]]]:
+        # `at` does not apply: the copies go on top, after the last block
+        num = len(spec.blocks)
+        extra = target - num
+        sources = list(range(num)) * (extra // num) + list(range(num - extra % num, num))
+        return {num - 1: [(j, False) for j in sources]}

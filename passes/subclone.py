@@ -50,8 +50,6 @@ import numpy as np
 from onnxgrow.dims import factors
 from onnxgrow.resize import Plan, WeightRule
 
-EXACT = False
-
 
 def keep_top(scores: np.ndarray, k: int) -> Plan:
     """The k most important indices, in their original order."""

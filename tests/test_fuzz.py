@@ -564,7 +564,7 @@ def judge(case: Case, command: str, result, before: dict, after: dict, root: Pat
     if "Traceback" in output:
         return Outcome("failure", "traceback in the output")
     if code not in (0, 1, 2):
-        return Outcome("failure", f"exit code {code}")
+        return Outcome("failure", f"exit code {code}: {output.strip().splitlines()[-1:]}")
     new = sorted(set(after) - set(before))
     changed = sorted(p for p in before if p in after and before[p] != after[p]) + sorted(set(before) - set(after))
     if changed:

@@ -16,7 +16,7 @@ from onnxgrow.structure import distinct, load_structure, parameter_names
 from onnxgrow.subclone import copies, subclone_ir
 from onnxgrow.validate import validate
 from conftest import DEFAULT_MODEL, ROOT, SMALL_NAMES
-from passes import subclone as method
+from onnxgrow.passes import subclone as method
 
 runner = CliRunner()
 IDS = np.random.default_rng(0).integers(0, 500, (16, 24))

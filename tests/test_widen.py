@@ -83,7 +83,7 @@ def test_fpi_with_integer_factor_is_hypercloning_like(zoo, tmp_path):
     entry = zoo["llama-gqa-dynamo18"]
     spec = onnxgrow.structure(entry["file"])
     from onnxgrow.resize import Plan, Resizer
-    from passes import fpi
+    from onnxgrow.passes import fpi
     import onnx_ir as ir
     sizes = {d: 2 * d.size for d in [spec.hidden, spec.kv_heads, *spec.ffn]}
     plans = {d: Plan(np.concatenate([np.arange(d.size), np.arange(d.size)])) for d in sizes}

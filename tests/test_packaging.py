@@ -1,0 +1,41 @@
+"""The package installs as `onnxgrow` (with onnxgrow.passes) and nothing else at the top level.
+
+tests/conftest.py puts the repository root on sys.path, where `passes/` would import as a top-level
+package: these checks run Python in a subprocess from an empty folder, as a user would.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def python(code: str, cwd) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_passes_install_inside_the_package(tmp_path):
+    assert python("import passes", tmp_path).returncode != 0
+    done = python("import onnxgrow.passes as p; print(sorted(p.WIDTH_PASSES), sorted(p.DEPTH_PASSES))", tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[0] == "['aki', 'fpi', 'hypercloning', 'pad'] ['identity', 'interleave', 'stack']"
+
+
+def test_importing_onnxgrow_does_not_import_torch(tmp_path):
+    done = python("import sys, onnxgrow; print('torch' in sys.modules, all(callable(getattr(onnxgrow, f)) "
+                  "for f in ('inspect', 'widen', 'deepen', 'subclone', 'validate')))", tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "True"]
+
+
+def test_nothing_imports_passes_bare():
+    bare = re.compile(r"^\s*(from\s+passes[\s.]|import\s+passes\b)", re.MULTILINE)
+    found = [str(p.relative_to(ROOT)) for folder in ("onnxgrow", "passes", "tests", "bench")
+             for p in (ROOT / folder).rglob("*.py") if bare.search(p.read_text())]
+    assert found == []
