@@ -183,6 +183,13 @@ def output_projections(spec: TransformerSpec, block) -> list[str]:
     return names
 
 
+def shared_data(tensor):
+    """A tensor with its own name that reads `tensor`'s data when needed: a copied weight costs no
+    memory until it is written or changed, and naming the copy never renames the source (onnx-ir
+    names a tensor after its value when it serializes it)."""
+    return ir.LazyTensor(lambda: tensor, tensor.dtype, tensor.shape)
+
+
 def clone_block(graph: ir.Graph, block: BlockGraph, new_input: ir.Value, tag: str):
     """Append a copy of `block` reading the stream from `new_input`.
 
@@ -207,7 +214,7 @@ def clone_block(graph: ir.Graph, block: BlockGraph, new_input: ir.Value, tag: st
                 inputs.append(mapping[id(v)])
             elif v.is_initializer() and all(id(u.node) in inside for u in v.uses()):
                 copy = ir.Value(name=unique_name(graph, f"{v.name}.{tag}"), shape=v.shape, type=v.type,
-                                const_value=v.const_value)
+                                const_value=shared_data(v.const_value))
                 graph.register_initializer(copy)
                 renamed_inits[v.name] = copy.name
                 mapping[id(v)] = copy

@@ -39,3 +39,12 @@ def test_nothing_imports_passes_bare():
     found = [str(p.relative_to(ROOT)) for folder in ("onnxgrow", "passes", "tests", "bench")
              for p in (ROOT / folder).rglob("*.py") if bare.search(p.read_text())]
     assert found == []
+
+
+def test_every_subpackage_is_listed_in_pyproject():
+    """A regular (non-editable) install ships only the listed packages: a new subpackage left out
+    would import from the checkout and fail once installed."""
+    import tomllib
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "onnxgrow").rglob("__init__.py")}
+    assert found | {"onnxgrow.passes"} == listed

@@ -97,9 +97,6 @@ def test_removing_the_middle_block_keeps_the_others():
     assert not any(t.name.startswith("blocks.1.") for t in result.graph.initializer)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="clone_block gives the copy the source's tensor object; ir.to_proto then "
-                   "renames that tensor, and the proto it wraps, to the copy's name")
 def test_serializing_a_grown_model_leaves_the_source_proto_alone(toy):
     proto = private_copy(toy)
     model = ir.from_proto(proto)

@@ -109,9 +109,6 @@ def test_copying_deepen_places_the_blocks_in_order(toy, method, order):
         assert all(np.array_equal(a, b) for a, b in zip(new[k], source[j])), (k, j)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="deepen renames the caller's ModelProto initializers: as_ir wraps the proto "
-                   "without copying and the copied blocks share its tensors (see test_blocks)")
 def test_deepen_leaves_the_callers_proto_alone(toy):
     proto = private_copy(toy)
     deepen(proto, factor=2, method="stack")
