@@ -4,6 +4,12 @@
 
 The model runs through the torch bridge (onnxgrow.bridge); its float weights train in place and are
 written back into the same graph at the end, so the output is the input graph with new weights.
+train() drives a Trainer, which holds one run's state (module, optimiser, schedule, data, RNG, loss
+history) and can be driven by hand; onnxgrow.language_model sees the graph as ids -> logits:
+
+    trainer = Trainer.build(modelio.load("wide.onnx"), "corpus.txt", use_bytes=True, steps=1000,
+                            batch=8, seq=128, lr=3e-4, device=torch.device("cpu"))
+    loss = trainer.step(); held_out = trainer.evaluate(); trainer.save_checkpoint(Path("run.ckpt"))
 
 Objective ("auto"): causal LM for decoders, masked LM for encoders. A decoder is a graph with a causal
 mask (a Trilu, or a comparison of two position ranges); failing that, one with an LM head and no
