@@ -4,6 +4,12 @@
 
 The model runs through the torch bridge (onnxgrow.bridge); its float weights train in place and are
 written back into the same graph at the end, so the output is the input graph with new weights.
+train() drives a Trainer, which holds one run's state (module, optimiser, schedule, data, RNG, loss
+history) and can be driven by hand; onnxgrow.language_model sees the graph as ids -> logits:
+
+    trainer = Trainer.build(modelio.load("wide.onnx"), "corpus.txt", use_bytes=True, steps=1000,
+                            batch=8, seq=128, lr=3e-4, device=torch.device("cpu"))
+    loss = trainer.step(); held_out = trainer.evaluate(); trainer.save_checkpoint(Path("run.ckpt"))
 
 Objective ("auto"): causal LM for decoders, masked LM for encoders. A decoder is a graph with a causal
 mask (a Trilu, or a comparison of two position ranges); failing that, one with an LM head and no
@@ -28,160 +34,32 @@ Files next to the output OUT.onnx: OUT.ckpt (module state, optimiser, step, RNG 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 import torch
-import torch.nn.functional as F
 
-from . import api, bridge, modelio
+from . import api, bridge, metadata, modelio
 from .errors import OnnxgrowError
-from .tokens import load_tokens, open_tokenizer
-from .validate import plan_inputs
+from .language_model import LanguageModel, choose_objective, loss_terms, make_batch, mask_token, windows
+from .tokens import load_tokens
+
+# names that lived here before language_model.py and tokens.py: callers may still import them from here
+from .language_model import MASK_RATE, compares_positions, from_range, mlm_batch  # noqa: F401, E402
+from .tokens import open_tokenizer  # noqa: F401, E402
+
+log = logging.getLogger(__name__)
 
 SCHEDULE = "linear warmup (5% of steps, at most 100) then cosine decay to lr/10"
-MASK_RATE = 0.15
 MAX_VAL_WINDOWS = 64  # validation windows per evaluation: enough for a stable mean, cheap to run
 
 
-# --- data ---------------------------------------------------------------------------------------------
-
-
-def mask_token(tokenizer, vocab: int) -> int:
-    if tokenizer is not None:
-        tok = open_tokenizer(tokenizer)
-        for name in ("[MASK]", "<mask>"):
-            i = tok.token_to_id(name)
-            if i is not None and i < vocab:
-                return i
-    return vocab - 1
-
-
-# --- the model as a language model --------------------------------------------------------------------
-
-
-def choose_objective(spec, m: ir.Model, plan) -> str:
-    if any(node.op_type == "Trilu" for node in m.graph) or compares_positions(m.graph):
-        return "clm"
-    if any(s.kind == "token_types" for s in plan.specs):
-        return "mlm"
-    return "clm" if spec.lm_head is not None else "mlm"
-
-
-def compares_positions(graph) -> bool:
-    """A causal mask compares query positions with key positions: both sides come from a Range."""
-    compare = {"Less", "LessOrEqual", "Greater", "GreaterOrEqual"}
-    return any(node.op_type in compare and all(from_range(v) for v in node.inputs) for node in graph)
-
-
-def from_range(value, depth: int = 8) -> bool:
-    through = {"Unsqueeze", "Reshape", "Add", "Sub", "Cast", "Expand", "Slice", "Squeeze", "Transpose"}
-    node = value.producer() if value is not None else None
-    if node is None or depth == 0:
-        return False
-    if node.op_type == "Range":
-        return True
-    return node.op_type in through and from_range(node.inputs[0], depth - 1)
-
-
-@dataclass
-class LanguageModel:
-    """A bridge module seen as ids -> logits, whatever its other inputs and outputs are."""
-
-    module: bridge.OnnxModule
-    plan: object  # validate.InputPlan
-    vocab: int
-    hidden: int
-    embedding: str  # initializer name of the token embedding (for a tied head)
-    has_head: bool
-    templates: dict = field(default_factory=dict)  # (batch, seq) -> the plan's inputs for that shape
-
-    @classmethod
-    def build(cls, m: ir.Model, spec, device) -> "LanguageModel":
-        module = bridge.to_torch(m).to(device)
-        plan = plan_inputs(m)
-        if not any(s.kind == "tokens" for s in plan.specs):
-            raise OnnxgrowError("cannot tell which graph input holds the token ids")
-        return cls(module, plan, spec.vocab.size, spec.hidden.size, spec.token_embedding.name, spec.lm_head is not None)
-
-    def feeds(self, ids: torch.Tensor) -> dict:
-        """Graph inputs for a batch of ids: full attention mask, token type 0, positions from 0 and an
-        empty KV cache, shaped by the input plan."""
-        b, s = ids.shape
-        if (b, s) not in self.templates:
-            self.templates[(b, s)] = self.plan.make(b, s, past_length=0)
-        template = self.templates[(b, s)]
-        out = {}
-        for spec in self.plan.specs:
-            x = torch.from_numpy(template[spec.name])
-            if spec.kind == "tokens":
-                x = ids.to(x.dtype)
-            elif spec.kind == "mask":
-                x = torch.ones_like(x)
-            elif spec.kind == "token_types":
-                x = torch.zeros_like(x)
-            elif spec.kind == "float":
-                x = torch.zeros_like(x)  # a cache of length 0
-            out[spec.name] = x.to(ids.device)
-        return out
-
-    def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        out = next(iter(self.module(**self.feeds(ids)).values()))
-        last = out.shape[-1] if out.dim() else None
-        if out.dim() < 2 or math.prod(out.shape[:-1]) != ids.numel():  # one row of logits per token
-            raise OnnxgrowError(f"the model's first output has shape {list(out.shape)} for {list(ids.shape)} "
-                                f"token ids: not one row per token")
-        if last == self.vocab and (self.has_head or last != self.hidden):
-            return out
-        if last == self.hidden:  # an encoder without its head: tie one to the token embedding
-            return out @ self.module.initializer(self.embedding).t().to(out.dtype)
-        raise OnnxgrowError(f"the model's first output has last axis {last}: neither the vocabulary "
-                            f"({self.vocab}) nor the hidden size ({self.hidden})")
-
-
-# --- batches and losses -------------------------------------------------------------------------------
-
-
-def windows(tokens: np.ndarray, length: int, starts: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.stack([tokens[i:i + length] for i in starts]))
-
-
-def mlm_batch(ids: torch.Tensor, rng: np.random.Generator, vocab: int, mask_id: int):
-    """(inputs, labels): 15% of positions chosen (at least one per row); labels -100 elsewhere."""
-    chosen = rng.random(ids.shape) < MASK_RATE
-    chosen[np.arange(ids.shape[0]), rng.integers(0, ids.shape[1], ids.shape[0])] = True
-    roll = rng.random(ids.shape)
-    inputs = ids.numpy().copy()
-    inputs[chosen & (roll < 0.8)] = mask_id
-    swap = chosen & (roll >= 0.8) & (roll < 0.9)
-    inputs[swap] = rng.integers(0, vocab, int(swap.sum()))
-    labels = np.where(chosen, ids.numpy(), -100)
-    return torch.from_numpy(inputs), torch.from_numpy(labels)
-
-
-def make_batch(window: torch.Tensor, objective: str, rng, vocab: int, mask_id: int):
-    if objective == "clm":
-        return window[:, :-1], window[:, 1:]
-    return mlm_batch(window, rng, vocab, mask_id)
-
-
-def loss_terms(student_logits, labels, teacher_logits=None):
-    """(cross-entropy, KL(teacher || student) or None), averaged over the labelled positions."""
-    logits = student_logits.float().reshape(-1, student_logits.shape[-1])
-    labels = labels.reshape(-1)
-    ce = F.cross_entropy(logits, labels, ignore_index=-100)
-    if teacher_logits is None:
-        return ce, None
-    keep = labels != -100
-    log_s = F.log_softmax(logits[keep], -1)
-    log_t = F.log_softmax(teacher_logits.float().reshape(-1, teacher_logits.shape[-1])[keep], -1)
-    kl = F.kl_div(log_s, log_t, log_target=True, reduction="batchmean")
-    return ce, kl
+# --- optimiser and schedule ---------------------------------------------------------------------------
 
 
 def lr_at(step: int, steps: int, lr: float) -> float:
@@ -197,6 +75,176 @@ def make_optimizer(module, lr: float) -> torch.optim.Optimizer:
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+
+
+# --- the training run ---------------------------------------------------------------------------------
+
+
+class Trainer:
+    """One training run in memory: the student (and a frozen teacher), the train/validation tokens, the
+    optimiser and its schedule, the data RNG and the loss history.
+
+    step() trains on one random batch; evaluate() gives the held-out loss; save_checkpoint and
+    load_checkpoint carry all of the state, so a resumed run takes the same steps as a straight one.
+    """
+
+    def __init__(self, student: LanguageModel, train_tokens: np.ndarray, val_tokens: np.ndarray, *,
+                 objective: str, steps: int, batch: int, seq: int, lr: float, mask_id: int,
+                 device=torch.device("cpu"), teacher: LanguageModel | None = None, alpha: float = 0.5,
+                 seed: int = 0, model_path=None):
+        self.student, self.teacher, self.alpha = student, teacher, alpha
+        self.objective, self.mask_id, self.device = objective, mask_id, device
+        self.steps, self.batch, self.seq, self.lr = steps, batch, seq, lr  # steps: the schedule's length
+        self.window = window_length(seq, objective)
+        self.train_tokens, self.val_tokens = train_tokens, val_tokens
+        self.model_path = model_path  # recorded in checkpoints and named in their errors
+        self.autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        # validation: fixed windows (spread over the held-out tokens) and fixed MLM masks
+        n_windows = len(val_tokens) // self.window
+        self.val_starts = np.linspace(0, len(val_tokens) - self.window,
+                                      min(n_windows, MAX_VAL_WINDOWS)).astype(np.int64)
+        self.optimizer = make_optimizer(student.module, lr)
+        self.rng = np.random.default_rng(seed)  # data order and MLM masks
+        self.steps_done = 0
+        self.losses: list[float] = []  # training loss of every step, from the first (resumed runs too)
+        self.val_history: list[tuple[int, float]] = []  # (step, validation loss)
+        self.train_time, self.tokens_seen = 0.0, 0  # this process's steps only, for tokens/s
+
+    @classmethod
+    def build(cls, m: ir.Model, data_path, *, tokenizer=None, use_bytes=False, steps, batch, seq, lr,
+              device, objective="auto", val_fraction=0.1, seed=0, distill_from=None, alpha=0.5,
+              model_path=None) -> "Trainer":
+        """A Trainer for model `m` on the tokens of `data_path` (text or .npy), the last `val_fraction`
+        held out; `distill_from` is the path of a teacher model."""
+        spec = api.structure(m)
+        student = LanguageModel.build(m, spec, device)
+        if objective == "auto":
+            objective = choose_objective(spec, m, student.plan)
+            log.debug("objective: %s", objective)
+        tokens = load_tokens(data_path, tokenizer, use_bytes, student.vocab)
+        max_pos = spec.config()["max_positions"]
+        if max_pos is not None and seq > max_pos:
+            raise OnnxgrowError(f"seq {seq} is longer than the model's {max_pos} learned positions")
+        train_tokens, val_tokens = split_tokens(tokens, window_length(seq, objective), val_fraction)
+        mask_id = mask_token(tokenizer, student.vocab)
+        teacher = load_teacher(distill_from, student.vocab, device) if distill_from is not None else None
+        return cls(student, train_tokens, val_tokens, objective=objective, steps=steps, batch=batch, seq=seq,
+                   lr=lr, mask_id=mask_id, device=device, teacher=teacher, alpha=alpha, seed=seed,
+                   model_path=model_path)
+
+    def loss(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy on the labelled positions, mixed with KL to the teacher when there is one."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            logits = self.student.logits(ids)
+            t_logits = None
+            if self.teacher is not None:
+                with torch.no_grad():
+                    t_logits = self.teacher.logits(ids)
+        ce, kl = loss_terms(logits, labels, t_logits)
+        return ce if kl is None else (1 - self.alpha) * ce + self.alpha * kl
+
+    def batch_of(self, tokens: np.ndarray, starts: np.ndarray, rng: np.random.Generator):
+        """(inputs, labels) on the device, for the windows of `tokens` at `starts`."""
+        ids, labels = make_batch(windows(tokens, self.window, starts), self.objective, rng,
+                                 self.student.vocab, self.mask_id)
+        return ids.to(self.device), labels.to(self.device)
+
+    def step(self) -> float:
+        """One optimiser step on a random batch of training windows; returns its loss."""
+        t0 = time.perf_counter()
+        starts = self.rng.integers(0, len(self.train_tokens) - self.window + 1, self.batch)
+        ids, labels = self.batch_of(self.train_tokens, starts, self.rng)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.steps_done, self.steps, self.lr)
+        self.student.module.train()
+        loss = self.loss(ids, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.student.module.parameters(), 1.0)
+        self.optimizer.step()
+        self.losses.append(loss.item())  # syncs, so the timing below is the step's real time
+        self.train_time += time.perf_counter() - t0
+        self.tokens_seen += ids.numel()
+        self.steps_done += 1
+        return self.losses[-1]
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean loss over the held-out windows, None without any. The same windows and masks every time."""
+        if not len(self.val_starts):
+            return None
+        rng = np.random.default_rng(1234)  # its own: evaluating leaves the training data order alone
+        self.student.module.eval()
+        total, count = 0.0, 0
+        for i in range(0, len(self.val_starts), self.batch):
+            ids, labels = self.batch_of(self.val_tokens, self.val_starts[i:i + self.batch], rng)
+            total += float(self.loss(ids, labels)) * len(ids)
+            count += len(ids)
+        self.student.module.train()
+        return total / count
+
+    def validate(self) -> float | None:
+        """evaluate(), recorded in val_history at the current step (once: a resumed run has it already)."""
+        v = self.evaluate()
+        if v is not None and not (self.val_history and self.val_history[-1][0] == self.steps_done):
+            self.val_history.append((self.steps_done, v))
+        return v
+
+    def save_checkpoint(self, path: Path) -> None:
+        # written by the module-level save_checkpoint, looked up at call time (tests stand in for it)
+        save_checkpoint(path, {
+            "step": self.steps_done, "model": self.student.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(), "losses": self.losses,
+            "val": [list(v) for v in self.val_history], "objective": self.objective,
+            "model_path": str(self.model_path)})
+        log.debug("checkpoint at step %d: %s", self.steps_done, path)
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Continue the run saved at `path`: weights, optimiser moments, step, RNGs and loss history."""
+        state = load_checkpoint(path)
+        if state.get("objective") != self.objective:
+            raise OnnxgrowError(f"{path} was trained with objective {state.get('objective')}, not {self.objective}")
+        try:
+            self.student.module.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise OnnxgrowError(f"{path} does not fit {self.model_path}: {e}".splitlines()[0]) from e
+        self.steps_done, self.losses = state["step"], list(state["losses"])
+        self.val_history = [tuple(v) for v in state["val"]]
+        self.rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        if self.steps_done >= self.steps:
+            raise OnnxgrowError(f"{path} is at step {self.steps_done} already; "
+                                f"ask for more than {self.steps_done} steps")
+        log.debug("resumed from %s at step %d", path, self.steps_done)
+
+
+def window_length(seq: int, objective: str) -> int:
+    return seq + 1 if objective == "clm" else seq  # a causal window also holds the last label
+
+
+def split_tokens(tokens: np.ndarray, window: int, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(training tokens, held-out tokens): the last `val_fraction` of the data is held out."""
+    n_val = int(len(tokens) * val_fraction)
+    train_tokens, val_tokens = tokens[:len(tokens) - n_val], tokens[len(tokens) - n_val:]
+    if len(train_tokens) < window:
+        raise OnnxgrowError(f"too little data: {len(train_tokens)} training tokens, a window needs {window}")
+    if val_fraction > 0 and len(val_tokens) < window:
+        raise OnnxgrowError(f"the validation split holds {len(val_tokens)} tokens, a window needs {window}; "
+                            "give more data, a larger val_fraction or a smaller seq")
+    return train_tokens, val_tokens
+
+
+def load_teacher(path, vocab: int, device) -> LanguageModel:
+    """The frozen model to distil from; it must share the student's vocabulary."""
+    tm = modelio.load(path)
+    tspec = api.structure(tm)
+    if tspec.vocab.size != vocab:
+        raise OnnxgrowError(f"the teacher's vocabulary ({tspec.vocab.size}) differs from the student's ({vocab})")
+    teacher = LanguageModel.build(tm, tspec, device)
+    teacher.module.eval().requires_grad_(False)
+    return teacher
 
 
 # --- files --------------------------------------------------------------------------------------------
@@ -219,7 +267,7 @@ def load_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise OnnxgrowError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
+        raise OnnxgrowError(f"{path} is not a readable checkpoint ({type(e).__name__})") from e
 
 
 def plot_losses(path: Path, train_losses: list[float], val: list[tuple[int, float]]) -> None:
@@ -251,8 +299,8 @@ def resolve_device(device: str) -> torch.device:
         raise OnnxgrowError(f"device {device!r} asked for, but torch sees no CUDA device")
     try:
         return torch.device(device)
-    except RuntimeError:
-        raise OnnxgrowError(f"unknown device {device!r} (use auto, cpu or cuda)") from None
+    except RuntimeError as e:
+        raise OnnxgrowError(f"unknown device {device!r} (use auto, cpu or cuda)") from e
 
 
 def check_options(steps, batch, seq, lr, alpha, val_fraction, objective, log_every, checkpoint_every):
@@ -293,151 +341,66 @@ def train(model_path, data_path, *, tokenizer=None, use_bytes=False, steps, batc
     torch.manual_seed(seed)
 
     m = modelio.load(model_path)
-    spec = api.structure(m)
-    student = LanguageModel.build(m, spec, dev)
-    if objective == "auto":
-        objective = choose_objective(spec, m, student.plan)
-    vocab = student.vocab
-    tokens = load_tokens(data_path, tokenizer, use_bytes, vocab)
-    max_pos = spec.config()["max_positions"]
-    if max_pos is not None and seq > max_pos:
-        raise OnnxgrowError(f"seq {seq} is longer than the model's {max_pos} learned positions")
-    window = seq + 1 if objective == "clm" else seq
-    n_val = int(len(tokens) * val_fraction)
-    train_tokens, val_tokens = tokens[:len(tokens) - n_val], tokens[len(tokens) - n_val:]
-    if len(train_tokens) < window:
-        raise OnnxgrowError(f"too little data: {len(train_tokens)} training tokens, a window needs {window}")
-    if val_fraction > 0 and len(val_tokens) < window:
-        raise OnnxgrowError(f"the validation split holds {len(val_tokens)} tokens, a window needs {window}; "
-                            "give more data, a larger val_fraction or a smaller seq")
-    mask_id = mask_token(tokenizer, vocab)
-
-    teacher = None
-    if distill_from is not None:
-        tm = modelio.load(distill_from)
-        tspec = api.structure(tm)
-        if tspec.vocab.size != vocab:
-            raise OnnxgrowError(f"the teacher's vocabulary ({tspec.vocab.size}) differs from the student's ({vocab})")
-        teacher = LanguageModel.build(tm, tspec, dev)
-        teacher.module.eval().requires_grad_(False)
-
-    autocast = dev.type == "cuda" and torch.cuda.is_bf16_supported()
-
-    def forward_loss(ids, labels):
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
-            logits = student.logits(ids)
-            t_logits = None
-            if teacher is not None:
-                with torch.no_grad():
-                    t_logits = teacher.logits(ids)
-        ce, kl = loss_terms(logits, labels, t_logits)
-        return ce if kl is None else (1 - alpha) * ce + alpha * kl
-
-    # validation: fixed windows (spread over the held-out tokens) and fixed MLM masks
-    n_windows = len(val_tokens) // window if val_fraction > 0 else 0
-    val_starts = np.linspace(0, len(val_tokens) - window, min(n_windows, MAX_VAL_WINDOWS)).astype(np.int64)
-
-    @torch.no_grad()
-    def evaluate():
-        if not len(val_starts):
-            return None
-        rng = np.random.default_rng(1234)
-        student.module.eval()
-        total, count = 0.0, 0
-        for i in range(0, len(val_starts), batch):
-            chunk = windows(val_tokens, window, val_starts[i:i + batch])
-            ids, labels = make_batch(chunk, objective, rng, vocab, mask_id)
-            loss = forward_loss(ids.to(dev), labels.to(dev))
-            total += float(loss) * len(ids)
-            count += len(ids)
-        student.module.train()
-        return total / count
-
-    optimizer = make_optimizer(student.module, lr)
-    rng = np.random.default_rng(seed)
-    start, losses, val_history = 0, [], []
+    trainer = Trainer.build(m, data_path, tokenizer=tokenizer, use_bytes=use_bytes, steps=steps, batch=batch,
+                            seq=seq, lr=lr, device=dev, objective=objective, val_fraction=val_fraction,
+                            seed=seed, distill_from=distill_from, alpha=alpha, model_path=model_path)
     if resume:
-        state = load_checkpoint(ckpt_path)
-        if state.get("objective") != objective:
-            raise OnnxgrowError(f"{ckpt_path} was trained with objective {state.get('objective')}, not {objective}")
-        try:
-            student.module.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise OnnxgrowError(f"{ckpt_path} does not fit {model_path}: {e}".splitlines()[0]) from None
-        start, losses, val_history = state["step"], list(state["losses"]), [tuple(v) for v in state["val"]]
-        rng.bit_generator.state = state["rng"]
-        torch.set_rng_state(state["torch_rng"])
-        if start >= steps:
-            raise OnnxgrowError(f"{ckpt_path} is at step {start} already; ask for more than {start} steps")
-
-    def checkpoint(step):
-        save_checkpoint(ckpt_path, {
-            "step": step, "model": student.module.state_dict(), "optimizer": optimizer.state_dict(),
-            "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "losses": losses,
-            "val": [list(v) for v in val_history], "objective": objective, "model_path": str(model_path)})
-
-    val_start = evaluate()
-    if val_start is not None and not (val_history and val_history[-1][0] == start):
-        val_history.append((start, val_start))
+        trainer.load_checkpoint(ckpt_path)
+    start = trainer.steps_done
+    val_start = trainer.validate()
     if val_start is not None:
-        console.print(f"step {start}: validation loss {val_start:.4f} ({objective}, {len(train_tokens):,} "
-                      f"training tokens, {len(val_tokens):,} held out, {dev.type})")
+        console.print(f"step {start}: validation loss {val_start:.4f} ({trainer.objective}, "
+                      f"{len(trainer.train_tokens):,} training tokens, {len(trainer.val_tokens):,} held out, "
+                      f"{dev.type})")
+    run_steps(trainer, console, log_every, checkpoint_every, ckpt_path)
+    val_end = trainer.validate()
+    if val_end is not None:
+        console.print(f"step {steps}: validation loss {val_end:.4f}")
+    trainer.save_checkpoint(ckpt_path)
+    plot_losses(plot_path, trainer.losses, trainer.val_history)
 
+    trained = bridge.write_into(trainer.student.module, m)
+    metadata.append_history(trained, f"train:{trainer.objective}:steps={steps}" +
+                            (f",distill={alpha:g}" if distill_from is not None else ""))
+    modelio.save(trained, output, input_paths=inputs, force=force)
+    return run_summary(trainer, start, val_start, val_end, output, ckpt_path, plot_path, distill_from)
+
+
+def run_steps(trainer: Trainer, console, log_every: int, checkpoint_every: int, ckpt_path: Path) -> None:
+    """Step `trainer` to the end of its schedule under a progress bar; every `checkpoint_every` steps
+    before the last, validate and checkpoint (train() does both after the last)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
                         TimeRemainingColumn(), console=console)
-    student.module.train()
-    train_time, train_count = 0.0, 0
+    steps = trainer.steps
     with progress:
-        task = progress.add_task("train", total=steps, completed=start, loss=float("nan"), tps=0.0)
-        for step in range(start, steps):
-            t0 = time.perf_counter()
-            starts = rng.integers(0, len(train_tokens) - window + 1, batch)
-            ids, labels = make_batch(windows(train_tokens, window, starts), objective, rng, vocab, mask_id)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, steps, lr)
-            loss = forward_loss(ids.to(dev), labels.to(dev))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.module.parameters(), 1.0)
-            optimizer.step()
-            losses.append(loss.item())  # syncs, so the timing below is the step's real time
-            train_time += time.perf_counter() - t0
-            train_count += ids.numel()
-            done = step + 1
+        task = progress.add_task("train", total=steps, completed=trainer.steps_done, loss=float("nan"), tps=0.0)
+        while trainer.steps_done < steps:
+            trainer.step()
+            done = trainer.steps_done
             if done % log_every == 0 or done == steps:
-                progress.update(task, completed=done, loss=float(np.mean(losses[-log_every:])),
-                                tps=train_count / train_time)
+                progress.update(task, completed=done, loss=float(np.mean(trainer.losses[-log_every:])),
+                                tps=trainer.tokens_seen / trainer.train_time)
             if checkpoint_every and done % checkpoint_every == 0 and done < steps:
-                v = evaluate()
+                v = trainer.validate()
                 if v is not None:
-                    val_history.append((done, v))
                     progress.console.print(f"step {done}: validation loss {v:.4f}")
-                checkpoint(done)
+                trainer.save_checkpoint(ckpt_path)
 
-    val_end = evaluate()
-    if val_end is not None:
-        val_history.append((steps, val_end))
-        console.print(f"step {steps}: validation loss {val_end:.4f}")
-    checkpoint(steps)
-    plot_losses(plot_path, losses, val_history)
 
-    trained = bridge.write_into(student.module, m)
-    trained.metadata_props["onnxgrow.history"] = (
-        trained.metadata_props.get("onnxgrow.history", "") + f"train:{objective}:steps={steps}" +
-        (f",distill={alpha:g}" if teacher is not None else "") + ";")
-    modelio.save(trained, output, input_paths=inputs, force=force)
+def run_summary(trainer: Trainer, start: int, val_start, val_end, output, ckpt_path, plot_path, distill_from) -> dict:
+    """What train() returns: its files, settings, losses and speed."""
+    t, losses = trainer, trainer.losses
     head = losses[start:start + 10] or losses[:10]
     return {
         "output": str(output), "checkpoint": str(ckpt_path), "plot": str(plot_path),
-        "objective": objective, "device": str(dev), "schedule": SCHEDULE, "steps": steps,
-        "start_step": start, "batch": batch, "seq": seq, "lr": lr,
-        "distill_from": str(distill_from) if distill_from is not None else None, "alpha": alpha,
-        "tokens_train": int(len(train_tokens)), "tokens_val": int(len(val_tokens)),
+        "objective": t.objective, "device": str(t.device), "schedule": SCHEDULE, "steps": t.steps,
+        "start_step": start, "batch": t.batch, "seq": t.seq, "lr": t.lr,
+        "distill_from": str(distill_from) if distill_from is not None else None, "alpha": t.alpha,
+        "tokens_train": int(len(t.train_tokens)), "tokens_val": int(len(t.val_tokens)),
         "train_loss_start": float(np.mean(head)), "train_loss_end": float(np.mean(losses[-10:])),
-        "val_loss_start": val_start, "val_loss_end": val_end, "val_history": [list(v) for v in val_history],
-        "tokens_per_s": train_count / train_time if train_time else None, "train_seconds": train_time,
+        "val_loss_start": val_start, "val_loss_end": val_end, "val_history": [list(v) for v in t.val_history],
+        "tokens_per_s": t.tokens_seen / t.train_time if t.train_time else None, "train_seconds": t.train_time,
         "losses": losses,
     }
