@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import onnxgrow  # noqa: E402
 from onnxgrow.api import deepen  # noqa: E402
-from onnxgrow.validate import validate  # noqa: E402
+from onnxgrow.verify import validate  # noqa: E402
 
 
 def measure(model: onnx.ModelProto, source: Path, tmp: Path) -> str:

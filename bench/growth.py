@@ -8,16 +8,16 @@ grown model against a randomly initialised model of the same size.
 Protocol (choices from ../shared/notes/growth-reference.md, made explicit here):
 - Corpus: Python source files that ship with Python (the standard library without its tests; the
   gpu setting adds every installed package's .py files), byte-level tokens, file order shuffled
-  with a fixed seed. The last 10% is held out (onnxgrow.train's split).
+  with a fixed seed. The last 10% is held out (onnxgrow.training's split).
 - Source: a Llama-style decoder (RMSNorm, rotary, SwiGLU, grouped-query attention) with random
-  weights, exported by torch.onnx, then trained `source_steps` with onnxgrow.train.
+  weights, exported by torch.onnx, then trained `source_steps` with onnxgrow.training.
 - Grown arms: the trained source rewritten by onnxgrow (width x2: hypercloning, fpi, pad; depth x2:
   identity, stack, interleave; both: hypercloning x2 then stack x2; subclone to half width and half
   depth). Copying methods get symmetric noise (s = `noise`, as a fraction of each weight's std),
   which cancels exactly, so that the copies do not receive identical gradients.
-- Random arms: the same graph with fresh weights (onnxgrow.subclone.randomized: N(0, 0.02)
+- Random arms: the same graph with fresh weights (onnxgrow.subcloning.randomized: N(0, 0.02)
   matrices, unit norms, zero biases), one per target shape.
-- Every arm trains `steps` with onnxgrow.train: same data order (same seed), AdamW, linear warmup then
+- Every arm trains `steps` with onnxgrow.training: same data order (same seed), AdamW, linear warmup then
   cosine decay, validation every `eval_every` steps on the same held-out windows. The learning
   rate of the random and of the grown arm is each chosen from a small grid on the width group and
   then used for every group (a tuned baseline: an untuned one flatters growth).
@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from corpus import python_sources, write_text  # noqa: E402
 from onnxgrow import api, modelio  # noqa: E402
-from onnxgrow.subclone import randomized, subclone_ir  # noqa: E402
+from onnxgrow.subcloning import randomized, subclone_ir  # noqa: E402
 
 
 @dataclass
@@ -86,7 +86,7 @@ SETTINGS = {
                    encoder_batch=32, encoder_seq=128),
 }
 
-# source init (torch.manual_seed), data order (onnxgrow.train seed), random arms (randomized), noise
+# source init (torch.manual_seed), data order (onnxgrow.training seed), random arms (randomized), noise
 SEEDS = {"source_init": 0, "data_order": 0, "random_arms": 1, "noise": 0}
 
 # group -> (target description, [(arm name, how to make it from the trained source)])
@@ -165,7 +165,7 @@ def make_random(grown: Path, out: Path) -> None:
 def train_arm(model: Path, out: Path, corpus: Path, setting: Setting, steps: int, lr: float) -> dict:
     from rich.console import Console
 
-    from onnxgrow.train import train
+    from onnxgrow.training import train
     quiet = Console(file=open("/dev/null", "w"))
     t = time.time()
     s = train(model, corpus, use_bytes=True, steps=steps, batch=setting.batch, seq=setting.seq, lr=lr,
@@ -299,7 +299,7 @@ def run_encoder(setting: Setting, workdir: Path, corpus: Path) -> dict:
     make_random(wide, rand)
     from rich.console import Console
 
-    from onnxgrow.train import train
+    from onnxgrow.training import train
     quiet = Console(file=open("/dev/null", "w"))
     text = write_text(workdir / "encoder-corpus.txt")  # English prose, which MiniLM was trained on
     out = {}

@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import corpus  # noqa: E402
 from onnxgrow import modelio  # noqa: E402
-from onnxgrow.subclone import randomized, subclone_ir  # noqa: E402
-from onnxgrow.validate import open_session  # noqa: E402
+from onnxgrow.subcloning import randomized, subclone_ir  # noqa: E402
+from onnxgrow.verify import open_session  # noqa: E402
 
 MINILM = ROOT / "models" / "zoo" / "minilm-ts17"
 

@@ -4,7 +4,7 @@
     config = onnxgrow.inspect("model.onnx")             # a dict like `onnxgrow inspect --json`
     wide = onnxgrow.widen("model.onnx", factor=2)       # an onnx.ModelProto
     deep = onnxgrow.deepen(wide, layers=8)              # same kind as given: a ModelProto here
-    report = onnxgrow.validate("model.onnx", deep)      # an onnxgrow.validate.Report
+    report = onnxgrow.validate("model.onnx", deep)      # an onnxgrow.verify.Report
 
 Every function takes a model as a path, an onnx.ModelProto or an onnx_ir.Model, never changes what it
 is given, and returns a model of the kind it was given (a ModelProto for a path). The `*_ir` variants
@@ -226,13 +226,13 @@ def subclone(model, calib=None, *, tokenizer=None, use_bytes: bool = False, samp
         layers, keep_layers: target number of blocks, or exactly which blocks to keep.
         rescale: "norm" (match norm statistics), "sqrt" (the paper's sqrt(D/d)) or "none".
         provider: ONNX Runtime provider for calibration: auto, cuda or cpu.
-        return_details: also return the onnxgrow.subclone.SubcloneResult (kept hidden indices,
+        return_details: also return the onnxgrow.subcloning.SubcloneResult (kept hidden indices,
             removed blocks and their measured updates, sizes, the held-out windows).
     Returns:
         the smaller model, of the kind given (a ModelProto for a path); with return_details,
         the pair (model, SubcloneResult).
     """
-    from .subclone import subclone_model
+    from .subcloning import subclone_model
     result = subclone_model(modelio.as_ir(model), calib, tokenizer=tokenizer, use_bytes=use_bytes,
                             samples=samples, seq=seq, allow_random_calib=allow_random_calib, hidden=hidden,
                             heads=heads, kv_heads=kv_heads, ffn=ffn, layers=layers, keep_layers=keep_layers,
@@ -247,12 +247,12 @@ def validate(source, target, **options):
     Args:
         source, target: each a path, an onnx.ModelProto or an onnx_ir.Model (models are written to
             a temporary folder first: ONNX Runtime reads files).
-        options: as onnxgrow.validate.validate: provider, inputs (.npz), tolerance, text and
+        options: as onnxgrow.verify.validate: provider, inputs (.npz), tolerance, text and
             tokenizer, shapes, past_length, seed.
     Returns:
-        an onnxgrow.validate.Report: `.passed`, `.exit_code` (0 or 1), `.to_dict()`, `.print(console)`.
+        an onnxgrow.verify.Report: `.passed`, `.exit_code` (0 or 1), `.to_dict()`, `.print(console)`.
     """
-    from .validate import validate as run_validation
+    from .verify import validate as run_validation
     with tempfile.TemporaryDirectory(prefix="onnxgrow-validate-") as tmp:
         paths = [as_path(m, Path(tmp) / name) for m, name in ((source, "source.onnx"), (target, "target.onnx"))]
         return run_validation(*paths, **options)
@@ -274,14 +274,14 @@ def train(model, data, *, output=None, return_summary: bool = False, **options):
         data: training text (with tokenizer= or use_bytes=True) or a .npy of token ids.
         output: where to write the trained model (default: next to a model path, `*.trained.onnx`;
             a temporary folder for a model given in memory).
-        options: as onnxgrow.train.train: steps (required), batch, seq, lr, device, distill_from,
+        options: as onnxgrow.training.train: steps (required), batch, seq, lr, device, distill_from,
             alpha, objective, resume, tokenizer, use_bytes, force, ...
         return_summary: also return the summary dict (losses, tokens/s, output and plot paths).
     Returns:
         the trained model, of the kind given (a ModelProto for a path); with return_summary, the
         pair (model, summary).
     """
-    from . import train as training  # through the package: onnxgrow.train stays callable (__init__.py)
+    from . import training
     with tempfile.TemporaryDirectory(prefix="onnxgrow-train-") as tmp:
         path = as_path(model, Path(tmp) / "model.onnx")
         if output is None and not isinstance(model, (str, os.PathLike)):

@@ -17,7 +17,7 @@ from rich.progress import Progress
 
 from .errors import OnnxgrowError
 from .modelio import as_ir
-from .validate import open_session, plan_inputs, run_model
+from .verify import open_session, plan_inputs, run_model
 
 
 def windows(tokens: np.ndarray, seq: int, count: int) -> np.ndarray:

@@ -123,7 +123,7 @@ def validate(source: Path, target: Path,
              tolerance: Optional[float] = typer.Option(None, help="max abs diff allowed"),
              as_json: bool = typer.Option(False, "--json")):
     """Run SOURCE and TARGET in ONNX Runtime on the same inputs and compare every output."""
-    from .validate import validate as run_validation
+    from .verify import validate as run_validation
     report = run_validation(source, target, provider=provider, inputs=inputs, tolerance=tolerance,
                             text=text, tokenizer=tokenizer)
     if as_json:
@@ -135,7 +135,7 @@ def validate(source: Path, target: Path,
 
 def write_checked(model, source: Path, output: Path, force: bool, exact: bool, verify: bool):
     """Save atomically; for exact methods refuse (exit 1, nothing written) unless outputs match."""
-    from .validate import validate as run_validation
+    from .verify import validate as run_validation
     reports = []
 
     def check(tmp_path: Path):
@@ -247,7 +247,7 @@ def subclone(model: Path = typer.Argument(..., help="source ONNX model (the larg
              output: Optional[Path] = typer.Option(None, "--output", "-o"),
              force: bool = typer.Option(False, help="replace an existing output")):
     """Make a smaller model whose weights are chosen from MODEL's (Weight subcloning)."""
-    from .subclone import subclone_model
+    from .subcloning import subclone_model
     source = modelio.load(model)
     spec = api.load_structure(source)
     source_config = spec.config()  # now: the rewrite happens in place
@@ -271,7 +271,7 @@ def subclone(model: Path = typer.Argument(..., help="source ONNX model (the larg
 def subclone_report(model, output, source_config, result, held_out, provider):
     import tempfile
 
-    from .subclone import fidelity, randomized
+    from .subcloning import fidelity, randomized
     after = api.inspect(output)
     out.print(config_table(f"{model} -> {output} (subclone)", source_config, after,
                            headers=("source", "target")))
@@ -310,7 +310,7 @@ def train(model: Path = typer.Argument(..., help="ONNX model to continue trainin
           output: Optional[Path] = typer.Option(None, "--output", "-o"),
           force: bool = typer.Option(False, help="replace an existing output")):
     """Continue training MODEL in torch and write the trained weights back to ONNX."""
-    from . import train as training  # through the package: onnxgrow.train stays callable (__init__.py)
+    from . import training
     summary = training.train(model, data, tokenizer=tokenizer, use_bytes=use_bytes, steps=steps, batch=batch,
                              seq=seq, lr=lr, device=device, distill_from=distill_from, alpha=alpha,
                              output=output, resume=resume, objective=objective, force=force, console=out)

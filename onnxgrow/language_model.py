@@ -1,5 +1,5 @@
 """An ONNX transformer seen as a language model: which objective it trains on, ids -> logits, the
-batches of each objective and their losses. onnxgrow.train drives these; its docstring gives the rules
+batches of each objective and their losses. onnxgrow.training drives these; its docstring gives the rules
 (causal vs masked LM, BERT-style masking, the tied head of a headless encoder, distillation).
 """
 
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from . import bridge
 from .errors import OnnxgrowError
 from .tokens import open_tokenizer
-from .validate import plan_inputs
+from .verify import plan_inputs
 
 log = logging.getLogger(__name__)
 

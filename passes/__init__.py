@@ -3,7 +3,7 @@
 The interface is in base.py (WidthPass, DepthPass). Adding a method is one short file here and one
 line in a registry below; `onnxgrow widen --method NAME` and `onnxgrow.widen(..., method=NAME)`
 then find it. passes/pad.py is the shortest example. subclone.py holds the math of the subclone
-command (onnxgrow/subclone.py), which shrinks rather than grows and is not a registered pass.
+command (onnxgrow/subcloning.py), which shrinks rather than grows and is not a registered pass.
 """
 
 from __future__ import annotations

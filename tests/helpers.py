@@ -6,7 +6,7 @@ from pathlib import Path
 
 import onnx
 
-from onnxgrow.validate import validate
+from onnxgrow.verify import validate
 
 
 def save_and_validate(model: onnx.ModelProto, source: Path, out: Path, tolerance: float | None = None):

@@ -101,9 +101,9 @@ def test_train_returns_the_kind_given(kind, tmp_path):
 
 
 def test_the_modules_behind_the_functions_still_work():
-    from onnxgrow.subclone import subclone_ir  # noqa: F401
-    from onnxgrow.validate import Report
-    assert onnxgrow.validate.Report is Report and callable(onnxgrow.validate) and callable(onnxgrow.subclone)
+    from onnxgrow.subcloning import subclone_ir  # noqa: F401
+    from onnxgrow.verify import Report
+    assert onnxgrow.verify.Report is Report and callable(onnxgrow.validate) and callable(onnxgrow.subclone)
 
 
 def test_registry_lists_every_pass_with_its_exactness():

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxgrow import api, bridge, weights
 from onnxgrow.errors import OnnxgrowError
-from onnxgrow.validate import make_inputs, run_model
+from onnxgrow.verify import make_inputs, run_model
 
 TOLERANCE = 1e-5  # float32, max abs difference to ONNX Runtime
 SHAPES = ((2, 5), (3, 9))  # two calls on one module: shape computations must follow the inputs

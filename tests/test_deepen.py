@@ -111,7 +111,7 @@ def test_weight_side_chains_belong_to_their_block(zoo, tmp_path, half):
     """A block owns the nodes that only compute its weights: identity copies zero their own, stacked
     copies get weights of their own, and removing a block takes its chains and weights along."""
     from onnxgrow import modelio
-    from onnxgrow.subclone import subclone_ir
+    from onnxgrow.subcloning import subclone_ir
     source = tmp_path / "chains.onnx"
     onnx.save(weights_behind(onnx.load(zoo["llama-gqa-ts17"]["file"]), half), source)
 

@@ -40,7 +40,7 @@ from onnxgrow.cli import app
 from onnxgrow.errors import OnnxgrowError
 from onnxgrow.structure import weight_of
 from onnxgrow import tolerance as tol
-from onnxgrow.validate import IO_MAP_KEY, make_inputs, open_session, validate
+from onnxgrow.verify import IO_MAP_KEY, make_inputs, open_session, validate
 
 MODELS = ["gpt2-ts17", "llama-gqa-ts17", "bert-ts17"]
 VARIANTS = ["float16", "bfloat16", "cast16"]
@@ -91,7 +91,7 @@ class Variants:
             elif method == "stack":
                 model = deepen(source, 3, method="stack")
             else:
-                from onnxgrow.subclone import subclone_ir
+                from onnxgrow.subcloning import subclone_ir
                 result = subclone_ir(modelio.load(source), IDS, hidden=c["hidden_size"] // 2, provider="cpu")
                 model = ir.to_proto(result.model)
             path = self.folder / f"{name}.{variant}.{method}.onnx"
@@ -330,7 +330,7 @@ def test_cast16_block_removal_drops_the_blocks_weights(variants, name):
     """Removing a block removes its weights, float16 initializers behind Casts that only the block
     reads, with those Casts: what is left is the float32 model's result weight for weight, each still
     float16 behind its own Cast, and no node is left dead."""
-    from onnxgrow.subclone import subclone_ir
+    from onnxgrow.subcloning import subclone_ir
 
     def drop_first(variant):
         return ir.to_proto(subclone_ir(modelio.load(variants.path(name, variant)), IDS[:2], keep_layers=[1],

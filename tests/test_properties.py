@@ -22,7 +22,7 @@ import onnxgrow
 from onnxgrow import modelio
 from onnxgrow.api import deepen
 from onnxgrow.structure import parameter_names
-from onnxgrow.subclone import subclone_ir
+from onnxgrow.subcloning import subclone_ir
 from conftest import load_builder
 from helpers import save_and_validate, worst
 

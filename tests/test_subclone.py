@@ -13,8 +13,8 @@ import onnxgrow
 from onnxgrow import modelio
 from onnxgrow.cli import app
 from onnxgrow.structure import distinct, load_structure, parameter_names
-from onnxgrow.subclone import copies, subclone_ir
-from onnxgrow.validate import validate
+from onnxgrow.subcloning import copies, subclone_ir
+from onnxgrow.verify import validate
 from conftest import DEFAULT_MODEL, ROOT, SMALL_NAMES
 from onnxgrow.passes import subclone as method
 

@@ -1,4 +1,4 @@
-"""Tests for onnxgrow.train: continue training a (grown) ONNX model through the torch bridge.
+"""Tests for onnxgrow.training: continue training a (grown) ONNX model through the torch bridge.
 
 Training data is real text that installs with Python (stdlib sources), tokenised as bytes or by a
 small BPE trained here; nothing is downloaded. Runs are tiny (batch 8, seq 32, tens of steps).
@@ -19,9 +19,10 @@ import torch
 from onnx import numpy_helper
 from rich.console import Console
 
-from onnxgrow import api, modelio, train
+from onnxgrow import api, modelio
+from onnxgrow import training as train
 from onnxgrow.errors import OnnxgrowError
-from onnxgrow.validate import plan_inputs, run_model
+from onnxgrow.verify import plan_inputs, run_model
 
 TEXT = "".join(inspect.getsource(m) for m in (json.decoder, json.encoder, textwrap, string))
 QUIET = dict(console=Console(file=io.StringIO()))

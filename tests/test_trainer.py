@@ -16,7 +16,7 @@ from rich.console import Console
 
 from onnxgrow import api, metadata, modelio
 from onnxgrow.errors import OnnxgrowError
-from onnxgrow.train import LanguageModel, Trainer, lr_at, train
+from onnxgrow.training import LanguageModel, Trainer, lr_at, train
 
 TINY = Path(__file__).resolve().parents[1] / "models" / "default" / "tiny-gpt2.onnx"
 PATTERN = np.tile(np.arange(24, dtype=np.int64), 20)  # 480 tokens, period 24

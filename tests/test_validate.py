@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 
 from onnxgrow.errors import OnnxgrowError
-from onnxgrow.validate import IO_MAP_KEY, make_inputs, run_model, validate
+from onnxgrow.verify import IO_MAP_KEY, make_inputs, run_model, validate
 
 ZOO = Path(__file__).resolve().parents[1] / "models" / "zoo"
 VOCAB, HIDDEN = 50, 16
