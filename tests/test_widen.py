@@ -40,6 +40,15 @@ def test_hypercloning_preserves_outputs(zoo, tmp_path, name, factor, noise):
     assert got["tied_embeddings"] == src["tied_embeddings"]  # tied stays tied, in value
 
 
+@pytest.mark.parametrize("name", ["gpt2-loud-ts17", "llama-gqa-loud-ts17"])  # logits of |10-30|
+def test_hypercloning_is_exact_on_realistic_logits(zoo, tmp_path, name):
+    from helpers import zoo_model
+    source = zoo_model(zoo, name)
+    report = save_and_validate(onnxgrow.widen(source, 2), source, tmp_path / "wide.onnx")
+    assert report.passed, report.to_dict()
+    exact_fp32(report)
+
+
 @pytest.mark.parametrize("factor", [2, 3])
 def test_hypercloning_minilm(zoo, tmp_path, factor):
     entry = zoo["minilm-ts17"]
