@@ -232,7 +232,8 @@ def main():
         if "floor_seconds" in r:
             cold = "" if r["read_cold"] else " (read warm)"
             print(f"| {r['model']} | {r['step']} | {r['seconds']:.1f} | {r['peak_gb']:.2f} | {r['floor_seconds']:.1f} | "
-                  f"{r['floor_peak_gb']:.2f} | {r['ratio']:.2f} | {r['write_mb_s']:.0f} / {r['read_mb_s']:.0f}{cold} | "
+                  f"{r['floor_peak_gb']:.2f} | {r['ratio']:.2f} | "
+                  f"{r['write_mb_s']:.0f} / {r['read_mb_s']:.0f}{cold} | "
                   f"{r['physical_floor_seconds']:.2f} | {r['physical_ratio']:.2f} | {r['bound_gb']:.2f} |")
         else:
             print(f"| {r['model']} | {r['step']} | {r['seconds']:.1f} | {r['peak_gb']:.2f} | | | | | | | |")

@@ -124,8 +124,9 @@ def test_stack_and_interleave_reach_the_depth(zoo, tmp_path, name, method):
 
 def test_injected_stack_of_block_0_twice_is_caught(zoo, monkeypatch):
     """Injected defect: a stack pass that copies block 0 twice instead of blocks 0 and 1."""
-    import passes.stack
-    monkeypatch.setattr(passes.stack, "plan", lambda spec, target, at: {1: [(0, False), (0, False)]})
+    from onnxgrow import api
+    stack = api.load_pass("stack", getattr(api, "DEPTH_PASSES", api.DEEPEN_METHODS))  # what deepen calls
+    monkeypatch.setattr(stack, "plan", lambda spec, target, at: {1: [(0, False), (0, False)]})
     source = zoo["gpt2-ts17"]["file"]
     with pytest.raises(AssertionError, match="block 3 is not a copy of source block 1"):
         assert_blocks_copied_from(deepen(source, 4, method="stack"), source, PLACEMENT["stack", 4])

@@ -759,9 +759,10 @@ def test_valid_by_construction_mutations_are_all_accepted(tmp_path):
     commands = list(COMMANDS)
     outcomes = [(c.name, cmd, run_case(c, cmd, tmp_path / "case"))
                 for i, c in enumerate(VALID) for cmd in [commands[i % len(commands)]]]
-    accepted = [o for _, _, o in outcomes if o.status == "accepted"]
-    assert all(c.valid for c in VALID) and {c.name.split("#")[0].split("@")[0] for c in VALID} == {"bitflip", "rename"}
-    assert len(accepted) == len(outcomes), [(n, cmd, o.status, o.detail) for n, cmd, o in outcomes if o.status != "accepted"]
+    assert all(c.valid for c in VALID)
+    assert {c.name.split("#")[0].split("@")[0] for c in VALID} == {"bitflip", "rename"}
+    refused = [(n, cmd, o.status, o.detail) for n, cmd, o in outcomes if o.status != "accepted"]
+    assert not refused, f"{len(outcomes) - len(refused)}/{len(outcomes)} accepted: {refused}"
 
 
 def test_random_stream_marks_only_mantissa_and_sign_flips_valid():
