@@ -13,8 +13,11 @@ as a failure of that case instead of ending the run.
 The commands are test_fuzz.COMMANDS: inspect, validate, widen, deepen, subclone and train (one
 step on a small byte corpus, through the torch bridge).
 
-Prints one row per kind of input: cases tried, accepted, rejected cleanly, failures; the same per
-command, with its seconds; then every failure with the command line that reproduces it.
+Prints one row per kind of input: cases tried, accepted, not preserved (exit 1), rejected cleanly
+(exit 2), internal errors (exit 3, or an "internal error" line), timeouts and other failures; the same
+per command, with its seconds; the acceptance rate of the valid-by-construction cases (float mantissa
+or sign flips, renamed values: every one must be accepted); then every exit 1 with its case, and every
+failure with the command line that reproduces it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 CASE_LIMIT = 120  # seconds before a worker is killed as hung (the worker's own alarm fires at 60)
+# what a case can come to (test_fuzz.Outcome.status); the last three are failures
+STATUSES = ("accepted", "not preserved", "rejected", "internal error", "timeout", "failure")
 
 
 def kind_of(name: str) -> str:
@@ -42,20 +47,22 @@ def kind_of(name: str) -> str:
     return kind.rstrip("0123456789") or kind
 
 
-def all_cases(n: int, seed: int, fixed: bool):
+def all_cases(n: int, seed: int, fixed: bool, valid: int = 0):
+    """Random cases first (n of them), then `valid` valid-by-construction cases, then the fixed ones."""
     import test_fuzz as F
     commands = list(F.COMMANDS)
     jobs = [(c, commands[i % len(commands)]) for i, c in enumerate(F.random_cases(n, seed))]
+    jobs += [(c, commands[i % len(commands)]) for i, c in enumerate(F.valid_cases(valid, seed))]
     if fixed:
         jobs += [(c, cmd) for c in F.fixed_cases() for cmd in commands]
     return jobs
 
 
-def worker(conn, n: int, seed: int, fixed: bool) -> None:
+def worker(conn, n: int, seed: int, fixed: bool, valid: int) -> None:
     """Runs the cases whose indices arrive on `conn`; answers (index, status, detail, seconds)."""
     os.environ.pop("ONNXGROW_DEBUG", None)
     import test_fuzz as F
-    jobs = all_cases(n, seed, fixed)
+    jobs = all_cases(n, seed, fixed, valid)
     root = Path(tempfile.mkdtemp(prefix="onnxgrow-fuzz-"))
     while True:
         i = conn.recv()
@@ -106,7 +113,7 @@ class Pool:
                 hung = time.monotonic() - w["since"] > CASE_LIMIT
                 if died or hung:
                     detail = f"crashed (exit code {w['proc'].exitcode})" if died else f"hung > {CASE_LIMIT} s"
-                    on_result(w["job"], "failure", detail, time.monotonic() - w["since"])
+                    on_result(w["job"], "failure" if died else "timeout", detail, time.monotonic() - w["since"])
                     w["proc"].kill()
                     self.workers[k] = self.start()
 
@@ -121,11 +128,11 @@ class Pool:
                 w["proc"].kill()
 
 
-def repro(name: str, command: str, seed: int, n: int) -> None:
+def repro(name: str, command: str, seed: int, n: int, valid: int) -> None:
     """Rerun one case in this process with ONNXGROW_DEBUG=1, so an unforeseen error shows its traceback."""
     import test_fuzz as F
     from onnxgrow.cli import app
-    matches = [c for c, _ in all_cases(n, seed, fixed=True) if c.name == name]
+    matches = [c for c, _ in all_cases(n, seed, fixed=True, valid=valid) if c.name == name]
     if not matches:
         sys.exit(f"no case named {name!r} among the first {n} of seed {seed} or the fixed cases")
     folder = Path(tempfile.mkdtemp(prefix="onnxgrow-repro-")) / "model"
@@ -143,67 +150,93 @@ def main() -> None:
     p.add_argument("--cases", type=int, default=2000, help="random cases")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--fixed", action="store_true", help="also run every fixed case with every command")
+    p.add_argument("--valid", type=int, default=200, help="valid-by-construction cases, all to be accepted")
     p.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     p.add_argument("--repro", help="rerun the case with this name (see the failure list)")
     p.add_argument("--command", default="inspect", help="with --repro: the command to run")
     args = p.parse_args()
+    import test_fuzz as F
     if args.repro:
-        return repro(args.repro, args.command, args.seed, args.cases)
+        return repro(args.repro, args.command, args.seed, args.cases, args.valid)
 
-    jobs = all_cases(args.cases, args.seed, args.fixed)
+    jobs = all_cases(args.cases, args.seed, args.fixed, args.valid)
     counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     by_command: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     failures = []
     seconds = collections.Counter()
     start = time.perf_counter()
 
+    not_preserved = []
+
     def on_result(i, status, detail, took):
         case, command = jobs[i]
-        kind = kind_of(case.name) if i < args.cases else "fixed: " + (
-            "external data" if case.name.startswith("ext-") else
-            "tiny GPT-2 edits" if case.name.startswith("gpt2-") else "files and small graphs")
+        if i < args.cases:
+            kind = kind_of(case.name)
+        elif i < args.cases + args.valid:
+            kind = "valid: " + kind_of(case.name)
+        else:
+            kind = "fixed: " + ("external data" if case.name.startswith("ext-") else
+                                "tiny GPT-2 edits" if case.name.startswith("gpt2-") else "files and small graphs")
         counts[kind][status] += 1
         counts[kind]["tried"] += 1
         by_command[command][status] += 1
         by_command[command]["tried"] += 1
         seconds[command] += took
-        if status == "failure":
-            failures.append((case.name, command, detail))
+        if status in F.FAILURES:
+            failures.append((case.name, command, status, detail))
+        if status == "not preserved":
+            not_preserved.append((case.name, command, detail))
         done = sum(c["tried"] for c in counts.values())
         if done % 100 == 0:
             print(f"  {done}/{len(jobs)} cases, {len(failures)} failures, {time.perf_counter() - start:.0f} s",
                   file=sys.stderr, flush=True)
 
-    pool = Pool(args.workers, (args.cases, args.seed, args.fixed))
+    pool = Pool(args.workers, (args.cases, args.seed, args.fixed, args.valid))
     try:
         pool.run(range(len(jobs)), on_result)
     finally:
         pool.close()
     wall = time.perf_counter() - start
+    report(args, len(jobs), wall, counts, by_command, seconds, not_preserved, failures)
+    sys.exit(1 if failures else 0)
 
-    print(f"\nonnxgrow fuzz: {len(jobs)} cases (seed {args.seed}, {args.workers} workers), {wall:.0f} s\n")
-    print("| input | tried | accepted | rejected cleanly | failures |")
-    print("|---|---:|---:|---:|---:|")
+
+def table(title: str, rows: dict[str, collections.Counter], extra=None) -> collections.Counter:
+    """One markdown row per key: tried and every status; returns the column totals."""
+    head = f"| {title} | tried | " + " | ".join(STATUSES) + " |" + (" seconds |" if extra else "")
+    print(head)
+    print("|---|---:|" + "---:|" * len(STATUSES) + ("---:|" if extra else ""))
     total = collections.Counter()
-    for kind in sorted(counts):
-        c = counts[kind]
+    for key in sorted(rows):
+        c = rows[key]
         total.update(c)
-        print(f"| {kind} | {c['tried']} | {c['accepted']} | {c['rejected']} | {c['failure']} |")
-    print(f"| **all** | **{total['tried']}** | **{total['accepted']}** | **{total['rejected']}** | "
-          f"**{total['failure']}** |")
-    print("\n| command | tried | accepted | rejected cleanly | failures | seconds |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for command in sorted(by_command):
-        c = by_command[command]
-        print(f"| {command} | {c['tried']} | {c['accepted']} | {c['rejected']} | {c['failure']} | "
-              f"{seconds[command]:.0f} |")
+        cells = " | ".join(str(c[s]) for s in STATUSES)
+        print(f"| {key} | {c['tried']} | {cells} |" + (f" {extra[key]:.0f} |" if extra else ""))
+    return total
+
+
+def report(args, n_jobs, wall, counts, by_command, seconds, not_preserved, failures) -> None:
+    print(f"\nonnxgrow fuzz: {n_jobs} cases (seed {args.seed}, {args.workers} workers), {wall:.0f} s\n")
+    total = table("input", counts)
+    print(f"| **all** | **{total['tried']}** | " + " | ".join(f"**{total[s]}**" for s in STATUSES) + " |\n")
+    table("command", by_command, seconds)
+    valid = collections.Counter()
+    for kind, c in counts.items():
+        if kind.startswith("valid: "):
+            valid.update(c)
+    if valid["tried"]:
+        print(f"\nvalid by construction: {valid['accepted']}/{valid['tried']} accepted "
+              f"({100 * valid['accepted'] / valid['tried']:.1f}%; must be 100%)")
+    if not_preserved:  # allowed only for inputs of unclear validity, so each one is shown
+        print(f"\n{len(not_preserved)} not preserved (exit 1):")
+        for name, command, detail in not_preserved:
+            print(f"- {name} / {command}: {detail}")
     if failures:
         print(f"\n{len(failures)} failures:")
-        for name, command, detail in failures:
-            print(f"- {name} / {command}: {detail}")
-            print(f"    python bench/fuzz.py --seed {args.seed} --cases {args.cases} --repro '{name}' "
-                  f"--command {command}")
-    sys.exit(1 if failures else 0)
+        for name, command, status, detail in failures:
+            print(f"- {name} / {command}: {status}: {detail}")
+            print(f"    python bench/fuzz.py --seed {args.seed} --cases {args.cases} --valid {args.valid} "
+                  f"--repro '{name}' --command {command}")
 
 
 if __name__ == "__main__":

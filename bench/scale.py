@@ -1,6 +1,7 @@
 """Rewrite time and peak memory at scale, against the I/O floor; and every command on a model above 2 GB.
 
     python bench/scale.py [--workdir /tmp/onnxgrow-bench] [--models small,big]
+    python bench/scale.py --models tiny          # smoke run: a 2 x 64 GPT-2, seconds
 
 Models (random weights, GPT-2 architecture, TorchScript opset 17, exported once and kept in WORKDIR):
 - small: GPT-2-small, 12 layers x 768, 124M parameters, one 0.5 GB file.
@@ -9,8 +10,15 @@ Models (random weights, GPT-2 architecture, TorchScript opset 17, exported once 
 For each model: widen x2 (HyperCloning), deepen x2 (stack), subclone to half width and half depth
 (ranked on random token ids, --allow-random-calib, without the fidelity report). Each runs as `python -m onnxgrow ... --no-verify`
 in its own process under /usr/bin/time -v ("peak" = that process's maximum resident set size). The
-floor of each is `onnx.load` + `onnx.save` of its output (external data above 2 GB, as onnxgrow
-writes it). The memory bound we aim at is input + output + the largest single tensor.
+"onnx floor" of each is `onnx.load` + `onnx.save` of its output (external data above 2 GB, as onnxgrow
+writes it): Python's protobuf round trip, not a physical limit. The physical floor is reading the
+input and writing the output at the disk's sequential bandwidth, measured in the same run beside
+each command's output (`disk_bandwidth`: a file of the output's size written with fdatasync, then
+read back, cold where the kernel lets us drop it from the page cache):
+
+    physical floor = input bytes / read bandwidth + output bytes / write bandwidth
+
+The memory bound we aim at is input + output + the largest single tensor.
 On the big model, also: inspect, validate (widened vs source), train (2 steps), export-weights and\nimport-weights.
 """
 
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -27,7 +36,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 GB = 2**30
-MODELS = {"small": dict(layers=12, hidden=768, heads=12), "big": dict(layers=24, hidden=1280, heads=20)}
+MODELS = {"small": dict(layers=12, hidden=768, heads=12), "big": dict(layers=24, hidden=1280, heads=20),
+          "tiny": dict(layers=2, hidden=64, heads=4)}  # tiny: a smoke run of the script itself
+CHUNK = 64 * 2**20
 
 
 def export(path: Path, layers: int, hidden: int, heads: int, vocab: int = 50257) -> None:
@@ -107,6 +118,37 @@ def floor(out: Path, workdir: Path) -> tuple[float, float]:
     return result
 
 
+def disk_bandwidth(workdir: Path, nbytes: int) -> dict:
+    """Sequential write and read bandwidth (bytes/s) of the disk under `workdir`, on a file of `nbytes`.
+
+    The write ends with fdatasync, so it counts the disk, not the page cache. Before the read the file's
+    pages are dropped with posix_fadvise(DONTNEED) (they are clean after the sync, so the kernel can);
+    "read_cold" says whether that call was available. Random bytes: a compressing filesystem would
+    flatter zeros."""
+    path = workdir / "bandwidth.bin"
+    block = os.urandom(min(CHUNK, max(nbytes, 1)))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        start, left = time.perf_counter(), nbytes
+        while left > 0:
+            left -= os.write(fd, block[:min(left, len(block))])
+        os.fdatasync(fd)
+        write_s = time.perf_counter() - start
+        cold = hasattr(os, "posix_fadvise")
+        if cold:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    buffer = bytearray(CHUNK)
+    with open(path, "rb", buffering=0) as f:
+        start = time.perf_counter()
+        while f.readinto(buffer):
+            pass
+        read_s = time.perf_counter() - start
+    path.unlink()
+    return {"bytes": nbytes, "write_bps": nbytes / write_s, "read_bps": nbytes / read_s, "read_cold": cold}
+
+
 def bench_model(name: str, workdir: Path, only: set | None = None) -> list[dict]:
     sizes = MODELS[name]
     src = workdir / f"gpt2-{sizes['layers']}x{sizes['hidden']}.onnx"
@@ -132,9 +174,14 @@ def bench_model(name: str, workdir: Path, only: set | None = None) -> list[dict]
         seconds, peak = measured(cli + args + ["-o", str(out)] + (["--no-verify"] if op != "subclone 1/2" else []))
         f_seconds, f_peak = floor(out, workdir)
         out_gb = size_of(out)
+        disk = disk_bandwidth(workdir, int(out_gb * GB))
+        physical = source_gb * GB / disk["read_bps"] + out_gb * GB / disk["write_bps"]
         rows.append({"model": name, "step": op, "seconds": seconds, "peak_gb": peak, "floor_seconds": f_seconds,
                      "floor_peak_gb": f_peak, "ratio": seconds / f_seconds, "input_gb": source_gb,
-                     "output_gb": out_gb, "bound_gb": source_gb + out_gb + max(biggest, largest_tensor(out))})
+                     "output_gb": out_gb, "bound_gb": source_gb + out_gb + max(biggest, largest_tensor(out)),
+                     "write_mb_s": disk["write_bps"] / 2**20, "read_mb_s": disk["read_bps"] / 2**20,
+                     "read_cold": disk["read_cold"], "physical_floor_seconds": physical,
+                     "physical_ratio": seconds / physical})
         print(json.dumps(rows[-1]), flush=True)
         if not (name == "big" and op == "widen x2" and wanted("commands")):
             remove(out)
@@ -167,9 +214,9 @@ def bench_model(name: str, workdir: Path, only: set | None = None) -> list[dict]
 
 
 def main():
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/onnxgrow-bench"))
-    parser.add_argument("--models", default="small,big")
+    parser.add_argument("--models", default="small,big", help="of small, big, tiny (a smoke run)")
     parser.add_argument("--ops", default=None, help="only these of widen,deepen,subclone,commands (the other commands, big model)")
     args = parser.parse_args()
     only = set(args.ops.split(",")) if args.ops else None
@@ -178,14 +225,18 @@ def main():
     for name in args.models.split(","):
         rows += bench_model(name, args.workdir, only)
     (args.workdir / "scale.json").write_text(json.dumps(rows, indent=1))
-    print("| model | step | wall s | peak RSS GB | floor s | floor peak GB | time / floor | in + out + largest GB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | step | wall s | peak RSS GB | onnx floor s | floor peak GB | time / onnx floor | "
+          "disk write / read MB/s | physical floor s | time / physical floor | in + out + largest GB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "floor_seconds" in r:
+            cold = "" if r["read_cold"] else " (read warm)"
             print(f"| {r['model']} | {r['step']} | {r['seconds']:.1f} | {r['peak_gb']:.2f} | {r['floor_seconds']:.1f} | "
-                  f"{r['floor_peak_gb']:.2f} | {r['ratio']:.2f} | {r['bound_gb']:.2f} |")
+                  f"{r['floor_peak_gb']:.2f} | {r['ratio']:.2f} | "
+                  f"{r['write_mb_s']:.0f} / {r['read_mb_s']:.0f}{cold} | "
+                  f"{r['physical_floor_seconds']:.2f} | {r['physical_ratio']:.2f} | {r['bound_gb']:.2f} |")
         else:
-            print(f"| {r['model']} | {r['step']} | {r['seconds']:.1f} | {r['peak_gb']:.2f} | | | | |")
+            print(f"| {r['model']} | {r['step']} | {r['seconds']:.1f} | {r['peak_gb']:.2f} | | | | | | | |")
 
 
 if __name__ == "__main__":

@@ -204,7 +204,19 @@ def _zoo():
     return specs
 
 
-MODELS = _zoo()
+# Trained LMs have logits of |10-30|; these random-weight ones peak below 1, where an absolute tolerance
+# of 1e-4 is loose. The "loud" variants scale the final norm (weight and bias) so the logits reach that
+# size: an error relative to the output's scale then shows at its true size. They are built with the
+# zoo but are not part of _zoo(), the list the tests parametrise over: the exactness tests name them.
+LOUD_NORM = 35.0
+
+
+def _loud():
+    return [Spec("gpt2-loud-ts17", "gpt2", "torchscript", 17, dict(TINY, final_norm_scale=LOUD_NORM)),
+            Spec("llama-gqa-loud-ts17", "llama", "torchscript", 17, dict(GQA, final_norm_scale=LOUD_NORM))]
+
+
+MODELS = _zoo() + _loud()
 DEFAULT_SPEC = Spec("tiny-gpt2", "gpt2", "torchscript", 17, dict(DEFAULT))
 
 
@@ -225,6 +237,8 @@ def build_torch_model(spec):
     model = FAMILIES[spec.family].make(spec.sizes, spec.attention)
     if spec.family != "minilm":
         randomize_norms_and_biases(model, spec.seed)
+    if "final_norm_scale" in spec.sizes:
+        scale_final_norm(model, spec.sizes["final_norm_scale"])
     return model.eval()  # eval: no dropout; exporters and the verifier both rely on it
 
 
@@ -243,6 +257,17 @@ def randomize_norms_and_biases(model, seed):
                 module.weight.copy_(1 + 0.1 * torch.randn(module.weight.shape, generator=g))
                 if getattr(module, "bias", None) is not None:
                     module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=g))
+
+
+def scale_final_norm(model, factor):
+    """Multiply the last norm's output (its weight, and its bias if any) by `factor`: the logits follow."""
+    import torch
+    norms = [m for m in model.modules()
+             if isinstance(m, torch.nn.LayerNorm) or type(m).__name__.endswith("RMSNorm")]
+    with torch.no_grad():
+        norms[-1].weight.mul_(factor)
+        if getattr(norms[-1], "bias", None) is not None:
+            norms[-1].bias.mul_(factor)
 
 
 def describe(spec, model):

@@ -19,15 +19,14 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxgrow import api, bridge, weights
 from onnxgrow.errors import OnnxgrowError
 from onnxgrow.verify import make_inputs, run_model
+from helpers import zoo_model
 
 TOLERANCE = 1e-5  # float32, max abs difference to ONNX Runtime
 SHAPES = ((2, 5), (3, 9))  # two calls on one module: shape computations must follow the inputs
 
 
 def model_path(zoo, name):
-    if name not in zoo:
-        pytest.skip(f"{name} did not build on this machine")
-    return zoo[name]["file"]
+    return zoo_model(zoo, name)  # a model that did not build fails, naming the build error
 
 
 def run_bridge(module, feeds) -> dict[str, np.ndarray]:

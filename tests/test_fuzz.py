@@ -85,6 +85,9 @@ RUNS_BRIDGE = frozenset({"train"})  # commands that run the model through the to
 RUNS_MODEL = RUNS_ORT | RUNS_BRIDGE
 
 
+# `valid` cases are valid models by construction (a flip of a mantissa or sign bit inside a float weight, a
+# value renamed everywhere it is used): refusing one, or calling it "not preserved", is our failure.
+
 @dataclasses.dataclass
 class Case:
     name: str
@@ -92,6 +95,7 @@ class Case:
     must_refuse: bool = False
     reason: str | None = None
     refused_by: frozenset[str] | None = None
+    valid: bool = False  # valid by construction: every command must accept it (exit 0)
 
     def refused(self, command: str) -> bool:
         return self.must_refuse and (self.refused_by is None or command in self.refused_by)
@@ -343,15 +347,94 @@ def m_truncate(rng, data, spans) -> Case:
     return Case(f"truncate@{cut}", lambda f: write(f, data[:cut]), True)
 
 
-def m_bitflip(rng, data, spans) -> Case:
-    flips = [(outside_spans(rng, data, spans), rng.randrange(8)) for _ in range(rng.choice([1, 1, 2, 8]))]
+def float_spans(data: bytes) -> list[tuple[int, int]]:
+    """Byte ranges of the large float32 weights (raw data, little-endian)."""
+    spans = []
+    for t in onnx.load_from_string(data).graph.initializer:
+        if len(t.raw_data) >= 1024 and t.data_type == TensorProto.FLOAT:
+            start = data.find(t.raw_data)
+            spans.append((start, start + len(t.raw_data)))
+    return sorted(spans)
 
+
+def keeps_a_finite_weight(pos: int, bit: int, spans: list[tuple[int, int]]) -> bool:
+    """Flipping `bit` of byte `pos` changes only the mantissa or the sign of one float32 weight: the model
+    stays valid and its numbers stay finite and of the same size. (Exponent bits are left out: a flip
+    there can make a weight 2^128 times larger, and the outputs inf.)"""
+    for a, b in spans:
+        if a <= pos < b:
+            byte = (pos - a) % 4  # little-endian: bytes 0-1 mantissa, byte 2 mantissa + exponent's low bit
+            return byte < 2 or (byte == 2 and bit < 7) or (byte == 3 and bit == 7)
+    return False
+
+
+_float_spans: list[tuple[int, int]] | None = None
+
+
+def source_float_spans() -> list[tuple[int, int]]:
+    global _float_spans
+    if _float_spans is None:
+        _float_spans = float_spans(source_bytes())
+    return _float_spans
+
+
+def bitflip_case(data: bytes, flips: list[tuple[int, int]]) -> Case:
     def make(f):
         b = bytearray(data)
         for pos, bit in flips:
             b[pos] ^= 1 << bit
         return write(f, bytes(b))
-    return Case("bitflip@" + ",".join(f"{p}.{b}" for p, b in flips), make)
+    floats = source_float_spans() if data == source_bytes() else float_spans(data)
+    valid = all(keeps_a_finite_weight(pos, bit, floats) for pos, bit in flips)
+    return Case("bitflip@" + ",".join(f"{p}.{b}" for p, b in flips), make, valid=valid)
+
+
+def m_bitflip(rng, data, spans) -> Case:
+    flips = [(outside_spans(rng, data, spans), rng.randrange(8)) for _ in range(rng.choice([1, 1, 2, 8]))]
+    return bitflip_case(data, flips)
+
+
+def rename_case(data: bytes, seed: int) -> Case:
+    """One value (a node's output or a weight) renamed everywhere it is named: the same model."""
+    def make(f):
+        r = random.Random(seed)
+        model = onnx.load_from_string(data)
+        graph = model.graph
+        outer = {v.name for v in [*graph.input, *graph.output]}
+        names = sorted({o for n in graph.node for o in n.output if o} | {t.name for t in graph.initializer} - outer)
+        old = r.choice(names)
+        taken = names + sorted(outer)
+        new = r.choice(["renamed", "a/b.c:0", "onnx::Renamed_1", "x" * 200]) + f"_{seed}"
+        assert new not in taken
+        for n in graph.node:
+            n.input[:] = [new if x == old else x for x in n.input]
+            n.output[:] = [new if x == old else x for x in n.output]
+        for t in [*graph.initializer, *graph.value_info]:
+            if t.name == old:
+                t.name = new
+        return save(f, model)
+    return Case(f"rename#{seed}", make, valid=True)
+
+
+def valid_cases(n: int, seed: int) -> list[Case]:
+    """Mutations that keep a valid model by construction: float mantissa or sign flips, and renames."""
+    rng = random.Random(seed)
+    data = source_bytes()
+    spans = source_float_spans()
+    cases = []
+    while len(cases) < n:
+        if rng.random() < 0.5:
+            cases.append(rename_case(data, rng.randrange(2**32)))
+            continue
+        flips = []
+        for _ in range(rng.choice([1, 2, 8])):
+            a, b = rng.choice(spans)
+            pos = rng.randrange(a, b)
+            byte = (pos - a) % 4
+            bit = 7 if byte == 3 else rng.randrange(7 if byte == 2 else 8)
+            flips.append((pos, bit))
+        cases.append(bitflip_case(data, flips))
+    return cases
 
 
 def m_bytes(rng, data, spans) -> Case:
@@ -472,10 +555,21 @@ def random_cases(n: int, seed: int) -> list[Case]:
 # --- the contract -----------------------------------------------------------------------------------------
 
 
+# What a case came to. A failure is ours: "internal error" (exit 3, or an error line that says so),
+# "timeout" (the case ran past its limit, whatever the tool did about it), or "failure" (any other
+# broken promise). "not preserved" is exit 1 of a command that checks its output: allowed only for
+# inputs of unclear validity, and every one is listed by bench/fuzz.py.
+FAILURES = frozenset({"internal error", "timeout", "failure"})
+
+
 @dataclasses.dataclass
 class Outcome:
-    status: str  # "accepted", "rejected" or "failure"
+    status: str  # "accepted", "not preserved", "rejected", or one of FAILURES
     detail: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.status in FAILURES
 
 
 def listing(root: Path) -> dict[str, int]:
@@ -497,11 +591,18 @@ def _audit(event: str, args) -> None:
 sys.addaudithook(_audit)
 
 
-class Timeout(Exception):
-    pass
+class Timeout(BaseException):
+    """Raised by the case's alarm. A BaseException, so the tool's `except Exception` handlers cannot turn a
+    hang into an ordinary error line; and the alarm also sets a flag, so a handler that catches even
+    this is still found out."""
+
+
+_alarm_fired = False
 
 
 def _alarm(signum, frame):
+    global _alarm_fired
+    _alarm_fired = True
     raise Timeout()
 
 
@@ -524,8 +625,10 @@ def torch_threads(command: str):
         torch.set_num_threads(before)
 
 
-def run_case(case: Case, command: str, root: Path) -> Outcome:
-    """Build `case` in a fresh folder under `root`, run `command` on it, check the contract."""
+def run_case(case: Case, command: str, root: Path, limit: int | None = None) -> Outcome:
+    """Build `case` in a fresh folder under `root`, run `command` on it, check the contract. A case that
+    runs past `limit` seconds (default CASE_SECONDS) is a "timeout", whatever the command answered."""
+    limit = limit or CASE_SECONDS
     if root.exists():
         shutil.rmtree(root)
     folder = root / "model"
@@ -533,21 +636,25 @@ def run_case(case: Case, command: str, root: Path) -> Outcome:
     path = case.make(folder)
     before = listing(root)
     use_alarm = hasattr(signal, "SIGALRM") and os.name == "posix"
+    global _opened, _alarm_fired
+    _alarm_fired = False
     if use_alarm:
         old = signal.signal(signal.SIGALRM, _alarm)
-        signal.alarm(CASE_SECONDS)
-    global _opened
+        signal.alarm(limit)
     _opened = opened = []  # every file the command opens (through Python)
     try:
         with torch_threads(command):
             result = runner.invoke(app, COMMANDS[command](str(path)))
     except Timeout:
-        return Outcome("failure", f"hung for more than {CASE_SECONDS} s")
+        return Outcome("timeout", f"hung for more than {limit} s")
     finally:
         _opened = None
         if use_alarm:
             signal.alarm(0)
             signal.signal(signal.SIGALRM, old)
+    if _alarm_fired:  # the alarm's exception was caught inside the tool: still a hang
+        return Outcome("timeout", f"hung for more than {limit} s (and the tool caught the alarm: "
+                                  f"{result.output.strip().splitlines()[-1:]})")
     outside = os.path.realpath(root / "outside")
     read_outside = [p for p in opened if p.startswith(outside + os.sep) or p == "/etc/passwd"]
     if read_outside:
@@ -563,6 +670,8 @@ def judge(case: Case, command: str, result, before: dict, after: dict, root: Pat
         return Outcome("failure", f"uncaught {type(exc).__name__}: {str(exc)[:200]}")
     if "Traceback" in output:
         return Outcome("failure", "traceback in the output")
+    if code == 3 or "internal error" in output:  # exit 3 is onnxgrow's own failure, never the input's
+        return Outcome("internal error", f"exit {code}: {output.strip().splitlines()[-1:]}")
     if code not in (0, 1, 2):
         return Outcome("failure", f"exit code {code}: {output.strip().splitlines()[-1:]}")
     new = sorted(set(after) - set(before))
@@ -575,8 +684,8 @@ def judge(case: Case, command: str, result, before: dict, after: dict, root: Pat
             return Outcome("failure", f"not one error line: {output[-300:]!r}")
         if new:
             return Outcome("failure", f"refused but wrote {new}")
-        if "internal error" in lines[0]:
-            return Outcome("failure", f"unforeseen error: {lines[0]}")
+        if case.valid:
+            return Outcome("failure", f"refused an input that is valid by construction: {lines[0]}")
         if case.refused(command) and case.reason and not re.search(case.reason, lines[0]):
             return Outcome("failure", f"error does not name the problem /{case.reason}/: {lines[0]}")
         return Outcome("rejected", lines[0])
@@ -584,6 +693,9 @@ def judge(case: Case, command: str, result, before: dict, after: dict, root: Pat
         return Outcome("failure", f"accepted a broken input (exit {code}): {output.strip().splitlines()[-1:]}")
     if code == 1 and command in ("inspect", "subclone", "train"):
         return Outcome("failure", f"exit 1 from {command}")
+    if code == 1 and case.valid:
+        return Outcome("failure", f"not preserved on an input that is valid by construction: "
+                                  f"{output.strip().splitlines()[-1:]}")
     if command in WRITES and code == 0:
         models = [p for p in new if p.endswith(".onnx")]
         if len(models) != 1 or new != sorted(models + [models[0][:-5] + side for side in WRITES[command]]):
@@ -597,6 +709,8 @@ def judge(case: Case, command: str, result, before: dict, after: dict, root: Pat
             return Outcome("failure", f"wrote an invalid model: {str(e).splitlines()[0][:200]}")
     elif new:
         return Outcome("failure", f"exit {code} and wrote {new}")
+    if code == 1:
+        return Outcome("not preserved", output.strip().splitlines()[-1] if output.strip() else "exit 1")
     return Outcome("accepted", f"exit {code}")
 
 
@@ -609,7 +723,7 @@ FIXED = fixed_cases()
 @pytest.mark.parametrize("case", FIXED, ids=[c.name for c in FIXED])
 def test_broken_input_is_refused_in_one_line(tmp_path, case, command):
     outcome = run_case(case, command, tmp_path / "case")
-    expected = {"rejected"} if case.refused(command) else {"rejected", "accepted"}
+    expected = {"rejected"} if case.refused(command) else {"rejected", "accepted", "not preserved"}
     assert outcome.status in expected, f"{case.name} / {command}: {outcome.detail}"
 
 
@@ -622,7 +736,7 @@ def test_random_mutation_keeps_the_contract(tmp_path, i):
     case = RANDOM[i]
     command = ROTATION[i % len(ROTATION)]
     outcome = run_case(case, command, tmp_path / "case")
-    assert outcome.status != "failure", f"{case.name} / {command}: {outcome.detail}"
+    assert not outcome.failed, f"{case.name} / {command}: {outcome.status}: {outcome.detail}"
 
 
 # train runs every random case rather than taking a turn: it is the one command that runs the model
@@ -632,7 +746,81 @@ def test_random_mutation_keeps_the_contract(tmp_path, i):
 def test_random_mutation_keeps_the_contract_in_train(tmp_path, i):
     case = RANDOM[i]
     outcome = run_case(case, "train", tmp_path / "case")
-    assert outcome.status != "failure", f"{case.name} / train: {outcome.detail}"
+    assert not outcome.failed, f"{case.name} / train: {outcome.status}: {outcome.detail}"
+
+
+VALID = valid_cases(12, seed=77)
+
+
+def test_valid_by_construction_mutations_are_all_accepted(tmp_path):
+    """Float mantissa or sign flips and renamed values leave a valid model: every command must accept
+    every one (exit 0). A judge that took refusals of these as "clean" would pass a tool that refuses
+    everything."""
+    commands = list(COMMANDS)
+    outcomes = [(c.name, cmd, run_case(c, cmd, tmp_path / "case"))
+                for i, c in enumerate(VALID) for cmd in [commands[i % len(commands)]]]
+    assert all(c.valid for c in VALID)
+    assert {c.name.split("#")[0].split("@")[0] for c in VALID} == {"bitflip", "rename"}
+    refused = [(n, cmd, o.status, o.detail) for n, cmd, o in outcomes if o.status != "accepted"]
+    assert not refused, f"{len(outcomes) - len(refused)}/{len(outcomes)} accepted: {refused}"
+
+
+def test_random_stream_marks_only_mantissa_and_sign_flips_valid():
+    data, spans = source_bytes(), source_float_spans()
+    a, _ = spans[0]
+    assert bitflip_case(data, [(a, 0), (a + 3, 7)]).valid  # mantissa, sign
+    assert not bitflip_case(data, [(a + 3, 6)]).valid  # exponent
+    assert not bitflip_case(data, [(a, 0), (0, 1)]).valid  # one flip in the structure
+    assert any(c.valid for c in RANDOM) and not any(c.valid for c in RANDOM if not c.name.startswith("bitflip"))
+
+
+# --- the judge itself, against injected defects -------------------------------------------------------------
+
+
+def hang_in_load(monkeypatch, catch):
+    """Make loading sleep past the case's limit inside a handler like the library's own."""
+    import time
+    real = modelio.load
+
+    def slow_load(*args, **kwargs):
+        try:
+            time.sleep(5)
+        except catch as e:  # what a catch-all in the library would do with the alarm
+            raise onnxgrow.OnnxgrowError("not a readable ONNX model") from e
+        return real(*args, **kwargs)
+    monkeypatch.setattr(modelio, "load", slow_load)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGALRM"), reason="the case's alarm needs SIGALRM")
+@pytest.mark.parametrize("catch", [Exception, BaseException], ids=["except-Exception", "except-BaseException"])
+def test_judge_fails_a_hang_in_load(tmp_path, monkeypatch, catch):
+    """Injected defect: a load that hangs. `except Exception` cannot catch the alarm (a BaseException);
+    a handler that catches even that still leaves the alarm's flag set. Either way: a timeout, never a
+    clean rejection."""
+    hang_in_load(monkeypatch, catch)
+    case = Case("valid", lambda f: write(f, source_bytes()))
+    outcome = run_case(case, "widen", tmp_path / "case", limit=1)
+    assert outcome.status == "timeout" and outcome.failed, outcome
+
+
+@pytest.mark.parametrize("code, output, status", [
+    (3, "error: internal error (KeyError): 'x'; please report it\n", "internal error"),
+    (2, "error: internal error (KeyError): 'x'\n", "internal error"),
+    (1, "outputs are not preserved\n", "failure"),  # on a valid input
+    (2, "error: not a readable ONNX model\n", "failure"),  # a valid input refused
+    (0, "", "accepted"),
+])
+def test_judge_on_a_valid_input(tmp_path, code, output, status):
+    result = dataclasses.make_dataclass("Result", ["output", "exit_code", "exception"])(output, code, None)
+    case = Case("valid", lambda f: write(f, source_bytes()), valid=True)
+    assert judge(case, "inspect" if code == 0 else "widen", result, {}, {}, tmp_path).status == status
+
+
+def test_judge_lists_not_preserved_apart_from_accepted(tmp_path):
+    result = dataclasses.make_dataclass("Result", ["output", "exit_code", "exception"])(
+        "outputs are not preserved; nothing written\n", 1, None)
+    outcome = judge(Case("unclear", lambda f: f), "widen", result, {}, {}, tmp_path)
+    assert outcome.status == "not preserved" and not outcome.failed
 
 
 def test_subclone_of_a_model_with_external_data(tmp_path):

@@ -36,6 +36,24 @@ def test_half_width_half_depth(zoo, tmp_path, name):
     assert got["num_heads"] == c["num_heads"] // 2 and got["head_dim"] == c["head_dim"]
     assert got["ffn_size"] == c["ffn_size"] // 2
     assert got["num_layers"] == c["num_layers"] // 2
+    assert_keeps_reported_hidden(entry["file"], out, result.kept_hidden)
+
+
+def assert_keeps_reported_hidden(source, target, kept: list[int]) -> None:
+    """Every weight with one hidden axis, whose other axis is not resized (token and position tables,
+    an untied head), holds the source's slices at exactly the reported hidden indices. In the default
+    rescale mode ("norm") these are not rescaled: only the norms' scales are."""
+    src, got = parameters(source), parameters(target)
+    d_src, d_got = onnxgrow.inspect(source)["hidden_size"], len(kept)
+    compared = 0
+    for name, w in src.items():
+        if name not in got or w.ndim != 2:
+            continue
+        changed = [a for a in range(2) if w.shape[a] != got[name].shape[a]]
+        if len(changed) == 1 and w.shape[changed[0]] == d_src and got[name].shape[changed[0]] == d_got:
+            assert np.array_equal(got[name], np.take(w, kept, axis=changed[0])), name
+            compared += 1
+    assert compared >= 1  # at least the token table
 
 
 @pytest.mark.parametrize("name", SMALL_NAMES + ["minilm-ts17"])

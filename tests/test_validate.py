@@ -19,6 +19,7 @@ from rich.console import Console
 
 from onnxgrow.errors import OnnxgrowError
 from onnxgrow.verify import IO_MAP_KEY, make_inputs, run_model, validate
+from helpers import zoo_model
 
 ZOO = Path(__file__).resolve().parents[1] / "models" / "zoo"
 VOCAB, HIDDEN = 50, 16
@@ -570,11 +571,16 @@ def test_run_model_accepts_a_path(models):
 # --- real exports from the model zoo, when it has been built ---------------------------------------------
 
 
+def test_a_zoo_model_that_did_not_build_fails_naming_the_error(tmp_path):
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps([{"name": "gpt2-ts17", "error": "RuntimeError: exporter broke"}]))
+    with pytest.raises(AssertionError, match="gpt2-ts17 did not build: RuntimeError: exporter broke"):
+        zoo_model({}, "gpt2-ts17", manifest)
+
+
 @pytest.mark.parametrize("name", ["gpt2-optimum-kv", "llama-gqa-optimum-kv", "bert-ts17", "opt-dynamo18"])
-def test_zoo_model_against_itself(name):
-    path = ZOO / name / "model.onnx"
-    if not path.is_file():
-        pytest.skip(f"{path} not built (python models/build.py)")
+def test_zoo_model_against_itself(zoo, name):
+    path = zoo_model(zoo, name)  # a model that did not build fails, naming the build error
     report = validate(path, path, provider="cpu", shapes=((2, 5),))
     assert report.passed and all(o.max_abs_diff == 0.0 for o in report.outputs)
     feeds = make_inputs(path, 2, 5, past_length=3)

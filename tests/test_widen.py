@@ -17,13 +17,20 @@ from helpers import save_and_validate, worst
 runner = CliRunner()
 
 
+def exact_fp32(report) -> None:
+    """max|Δ| <= 1e-5 * max|ref| + 1e-6 on every output (helpers.assert_close_to_scale)."""
+    from helpers import assert_close_to_scale
+    assert_close_to_scale(report)
+
+
 @pytest.mark.parametrize("factor,noise", [(2, 0.0), (3, 0.0), (2, 0.01), (3, 0.01)])
 @pytest.mark.parametrize("name", SMALL_NAMES)
 def test_hypercloning_preserves_outputs(zoo, tmp_path, name, factor, noise):
     entry = zoo[name]
     wide = onnxgrow.widen(entry["file"], factor, noise=noise)
     report = save_and_validate(wide, entry["file"], tmp_path / "wide.onnx")
-    assert report.passed and worst(report) <= 1e-4, report.to_dict()
+    assert report.passed, report.to_dict()
+    exact_fp32(report)
     got, src = onnxgrow.inspect(tmp_path / "wide.onnx"), entry["config"]
     assert got["hidden_size"] == factor * src["hidden_size"]
     assert got["num_heads"] == factor * src["num_heads"]
@@ -33,11 +40,21 @@ def test_hypercloning_preserves_outputs(zoo, tmp_path, name, factor, noise):
     assert got["tied_embeddings"] == src["tied_embeddings"]  # tied stays tied, in value
 
 
+@pytest.mark.parametrize("name", ["gpt2-loud-ts17", "llama-gqa-loud-ts17"])  # logits of |10-30|
+def test_hypercloning_is_exact_on_realistic_logits(zoo, tmp_path, name):
+    from helpers import zoo_model
+    source = zoo_model(zoo, name)
+    report = save_and_validate(onnxgrow.widen(source, 2), source, tmp_path / "wide.onnx")
+    assert report.passed, (worst(report), report.to_dict())
+    exact_fp32(report)
+
+
 @pytest.mark.parametrize("factor", [2, 3])
 def test_hypercloning_minilm(zoo, tmp_path, factor):
     entry = zoo["minilm-ts17"]
     report = save_and_validate(onnxgrow.widen(entry["file"], factor), entry["file"], tmp_path / "wide.onnx")
-    assert report.passed and worst(report) <= 1e-4
+    assert report.passed
+    exact_fp32(report)
     assert onnxgrow.inspect(tmp_path / "wide.onnx")["hidden_size"] == 384 * factor
 
 
@@ -76,6 +93,57 @@ def test_any_size_methods_run(zoo, tmp_path, name, method):
     got = onnxgrow.inspect(tmp_path / "wide.onnx")
     assert (got["hidden_size"], got["num_heads"], got["num_kv_heads"], got["ffn_size"]) == (
         target["hidden"], target["heads"], target["kv_heads"], target["ffn"])
+
+
+ANY_SIZE = dict(hidden=96, heads=6, kv_heads=3, ffn=240)  # llama-gqa: 64, 4, 2, 160 times 3/2
+
+
+def projections(model) -> list[list[np.ndarray]]:
+    """Per block: the weights of q, k, v, o, up, gate, down, as [in, out] arrays (MatMul's layout)."""
+    from onnxgrow.structure import weight_of
+    spec = onnxgrow.structure(model)
+    return [[weight_of(spec.flow, n)[0].const_value.numpy()
+             for n in (b.attention.q_proj, b.attention.k_proj, b.attention.v_proj, b.attention.o_proj,
+                       b.ffn.up, b.ffn.gate, b.ffn.down)] for b in spec.blocks]
+
+
+def test_pad_puts_every_source_weight_in_the_corner(zoo):
+    """Padding on a zoo model (the unit tests check two weights of a toy): every parameter holds the
+    source in its top-left corner and zeros in every new row and column."""
+    from onnxgrow.structure import parameter_names
+    source = zoo["llama-gqa-ts17"]["file"]
+    old = {n: numpy_helper.to_array(t) for n, t in weights_by_name(onnx.load(source)).items()}
+    padded = weights_by_name(onnxgrow.widen(source, method="pad", **ANY_SIZE))
+    names = parameter_names(onnxgrow.structure(source))
+    grown = 0
+    for name in names:
+        w, p = old[name], numpy_helper.to_array(padded[name])
+        corner = tuple(slice(0, n) for n in w.shape)
+        assert p.ndim == w.ndim and np.array_equal(p[corner], w), name
+        rest = p.copy()
+        rest[corner] = 0
+        assert not rest.any(), name
+        grown += p.shape != w.shape
+    assert grown >= 2 * 7 + 2  # every projection of both blocks, the embedding and the head at least
+
+
+def test_aki_takes_new_neurons_from_the_next_block_on_a_zoo_model(zoo):
+    """AKI = FPI (same copy maps) with each new output neuron of block l taken from block l+1's
+    FPI-grown weight; the source's own neurons, and the top block, stay FPI's."""
+    source = zoo["llama-gqa-ts17"]["file"]
+    old = projections(source)
+    fpi = projections(onnxgrow.widen(source, method="fpi", **ANY_SIZE))
+    aki = projections(onnxgrow.widen(source, method="aki", **ANY_SIZE))
+    for k, w in enumerate(old[0]):
+        n = w.shape[-1]  # the source's output neurons come first
+        assert np.array_equal(aki[0][k][:, :n], fpi[0][k][:, :n]), k
+        assert np.array_equal(aki[0][k][:, n:], fpi[1][k][:, n:]), k
+        assert not np.array_equal(aki[0][k], fpi[0][k]), k
+        assert np.array_equal(aki[1][k], fpi[1][k]), k  # the top block keeps FPI
+
+
+def weights_by_name(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in model.graph.initializer}
 
 
 def test_fpi_with_integer_factor_is_hypercloning_like(zoo, tmp_path):
