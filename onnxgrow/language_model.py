@@ -96,7 +96,7 @@ class LanguageModel:
         template = self.templates[(b, s)]
         out = {}
         for spec in self.plan.specs:
-            x = torch.from_numpy(template[spec.name])
+            x = bridge.from_numpy(template[spec.name])
             if spec.kind == "tokens":
                 x = ids.to(x.dtype)
             elif spec.kind == "mask":

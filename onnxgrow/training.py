@@ -25,8 +25,10 @@ Distillation (`distill_from`, Incr-Pretrain style): the source model runs frozen
 the same inputs; loss = (1 - alpha) * CE + alpha * KL(teacher || student) over the same positions.
 
 Optimiser: AdamW (betas 0.9/0.95, weight decay 0.1 on matrices only), gradient clipping at 1.0, and a
-linear warmup (5% of the steps, at most 100) into a cosine decay to lr/10. bf16 autocast on CUDA,
-float32 on the CPU.
+linear warmup (5% of the steps, at most 100) into a cosine decay to lr/10. Precision
+(onnxgrow/precision.py): float32 on the CPU; autocast on CUDA (bfloat16 from compute capability 8.0,
+float16 with loss scaling before); float16/bfloat16 models keep float32 master weights. A non-finite
+loss or weight stops the run (exit 1) before anything is written.
 
 Files next to the output OUT.onnx: OUT.ckpt (module state, optimiser, step, RNG and loss history;
 `resume=True` continues from it) and OUT.loss.png (training and validation loss).
@@ -44,8 +46,8 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from . import api, bridge, metadata, modelio
-from .errors import OnnxgrowError
+from . import api, bridge, metadata, modelio, precision
+from .errors import NOT_PRESERVED, OnnxgrowError
 from .language_model import LanguageModel, choose_objective, loss_terms, make_batch, mask_token, windows
 from .tokens import load_tokens
 
@@ -70,8 +72,7 @@ def lr_at(step: int, steps: int, lr: float) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(module, lr: float) -> torch.optim.Optimizer:
-    params = [p for p in module.parameters() if p.requires_grad]
+def make_optimizer(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
@@ -98,12 +99,16 @@ class Trainer:
         self.window = window_length(seq, objective)
         self.train_tokens, self.val_tokens = train_tokens, val_tokens
         self.model_path = model_path  # recorded in checkpoints and named in their errors
-        self.autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
         # validation: fixed windows (spread over the held-out tokens) and fixed MLM masks
         n_windows = len(val_tokens) // self.window
         self.val_starts = np.linspace(0, len(val_tokens) - self.window,
                                       min(n_windows, MAX_VAL_WINDOWS)).astype(np.int64)
-        self.optimizer = make_optimizer(student.module, lr)
+        trainable = [p for p in student.module.parameters() if p.requires_grad]
+        self.precision = precision.choose(trainable, device)
+        self.master = precision.MasterWeights(trainable)  # float32 copies of half-precision weights
+        self.loss_scale = precision.LossScale(self.precision.loss_scaling)
+        self.optimizer = make_optimizer(self.master.params(), lr)
+        log.debug("precision: %s", self.precision.describe())
         self.rng = np.random.default_rng(seed)  # data order and MLM masks
         self.steps_done = 0
         self.losses: list[float] = []  # training loss of every step, from the first (resumed runs too)
@@ -134,7 +139,8 @@ class Trainer:
 
     def loss(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy on the labelled positions, mixed with KL to the teacher when there is one."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+        autocast = self.precision.autocast
+        with torch.autocast(self.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             logits = self.student.logits(ids)
             t_logits = None
             if self.teacher is not None:
@@ -147,6 +153,10 @@ class Trainer:
         """(inputs, labels) on the device, for the windows of `tokens` at `starts`."""
         ids, labels = make_batch(windows(tokens, self.window, starts), self.objective, rng,
                                  self.student.vocab, self.mask_id)
+        # on CUDA an id past the table is an asynchronous device assert that poisons the context
+        if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < self.student.vocab:
+            raise OnnxgrowError(f"token ids reach {int(ids.max())}, outside the model's vocabulary of "
+                                f"{self.student.vocab}")
         return ids.to(self.device), labels.to(self.device)
 
     def step(self) -> float:
@@ -154,19 +164,38 @@ class Trainer:
         t0 = time.perf_counter()
         starts = self.rng.integers(0, len(self.train_tokens) - self.window + 1, self.batch)
         ids, labels = self.batch_of(self.train_tokens, starts, self.rng)
+        lr = lr_at(self.steps_done, self.steps, self.lr)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.steps_done, self.steps, self.lr)
+            group["lr"] = lr
         self.student.module.train()
         loss = self.loss(ids, labels)
+        value = loss.item()  # syncs, so the timing below is the step's real time
+        precision.check_finite_loss(value, self.steps_done, lr)
+        self.student.module.zero_grad(set_to_none=True)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.student.module.parameters(), 1.0)
-        self.optimizer.step()
-        self.losses.append(loss.item())  # syncs, so the timing below is the step's real time
+        scale = self.loss_scale.value
+        (loss * scale if scale != 1.0 else loss).backward()
+        self.master.take_grads(scale)
+        self.apply_gradients(lr)
+        self.losses.append(value)
         self.train_time += time.perf_counter() - t0
         self.tokens_seen += ids.numel()
         self.steps_done += 1
         return self.losses[-1]
+
+    def apply_gradients(self, lr: float) -> None:
+        """Clip and step (in float32 for half-precision weights); a float16 overflow skips the step."""
+        params = self.master.params()
+        finite = precision.grads_finite(params)
+        self.loss_scale.update(overflow=not finite)
+        if not finite:
+            if self.loss_scale.enabled:
+                return  # the scale was too large: it is halved, and this batch skipped
+            raise OnnxgrowError(f"training diverged: gradients are not finite at step {self.steps_done + 1} "
+                                f"(lr {lr:g}); nothing written (try a smaller --lr)", NOT_PRESERVED)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        self.optimizer.step()
+        self.master.copy_back()
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -191,8 +220,9 @@ class Trainer:
         return v
 
     def save_checkpoint(self, path: Path) -> None:
+        precision.check_finite_weights(self.student.module, f"at step {self.steps_done}")
         # written by the module-level save_checkpoint, looked up at call time (tests stand in for it)
-        save_checkpoint(path, {
+        save_checkpoint(path, {"master": self.master.state(), "loss_scale": self.loss_scale.value,
             "step": self.steps_done, "model": self.student.module.state_dict(),
             "optimizer": self.optimizer.state_dict(), "rng": self.rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(), "losses": self.losses,
@@ -210,6 +240,8 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise OnnxgrowError(f"{path} does not fit {self.model_path}: {e}".splitlines()[0]) from e
+        self.master.load(state.get("master", []))
+        self.loss_scale.value = state.get("loss_scale", self.loss_scale.value)
         self.steps_done, self.losses = state["step"], list(state["losses"])
         self.val_history = [tuple(v) for v in state["val"]]
         self.rng.bit_generator.state = state["rng"]
@@ -351,7 +383,7 @@ def train(model_path, data_path, *, tokenizer=None, use_bytes=False, steps, batc
     if val_start is not None:
         console.print(f"step {start}: validation loss {val_start:.4f} ({trainer.objective}, "
                       f"{len(trainer.train_tokens):,} training tokens, {len(trainer.val_tokens):,} held out, "
-                      f"{dev.type})")
+                      f"{dev.type}, {trainer.precision.describe()})")
     run_steps(trainer, console, log_every, checkpoint_every, ckpt_path)
     val_end = trainer.validate()
     if val_end is not None:
@@ -359,6 +391,7 @@ def train(model_path, data_path, *, tokenizer=None, use_bytes=False, steps, batc
     trainer.save_checkpoint(ckpt_path)
     plot_losses(plot_path, trainer.losses, trainer.val_history)
 
+    precision.check_finite_weights(trainer.student.module, "at the end")
     trained = bridge.write_into(trainer.student.module, m)
     metadata.append_history(trained, f"train:{trainer.objective}:steps={steps}" +
                             (f",distill={alpha:g}" if distill_from is not None else ""))
@@ -395,7 +428,8 @@ def run_summary(trainer: Trainer, start: int, val_start, val_end, output, ckpt_p
     head = losses[start:start + 10] or losses[:10]
     return {
         "output": str(output), "checkpoint": str(ckpt_path), "plot": str(plot_path),
-        "objective": t.objective, "device": str(t.device), "schedule": SCHEDULE, "steps": t.steps,
+        "objective": t.objective, "device": str(t.device), "precision": t.precision.describe(),
+        "schedule": SCHEDULE, "steps": t.steps,
         "start_step": start, "batch": t.batch, "seq": t.seq, "lr": t.lr,
         "distill_from": str(distill_from) if distill_from is not None else None, "alpha": t.alpha,
         "tokens_train": int(len(t.train_tokens)), "tokens_val": int(len(t.val_tokens)),

@@ -44,12 +44,13 @@ from __future__ import annotations
 from ..modelio import as_proto
 from .module import RUN_ERRORS, OnnxModule, load_ir, param_key, to_torch
 from .ops import OPS
-from .tensors import FLOAT_TYPES, HOST_MAX, LOW_PRECISION, TORCH_DTYPE, host_or_tensor, tensor_from_ir, tensor_to_bytes
+from .tensors import (FLOAT_TYPES, HOST_MAX, LOW_PRECISION, TORCH_DTYPE, from_numpy, host_or_tensor, tensor_from_ir,
+                      tensor_to_bytes)
 from .trainable import weight_plan
 from .writeback import store, write_back, write_into
 
 __all__ = [
     "FLOAT_TYPES", "HOST_MAX", "LOW_PRECISION", "OPS", "RUN_ERRORS", "TORCH_DTYPE", "OnnxModule", "as_proto",
-    "host_or_tensor", "load_ir", "param_key", "store", "tensor_from_ir", "tensor_to_bytes", "to_torch",
+    "from_numpy", "host_or_tensor", "load_ir", "param_key", "store", "tensor_from_ir", "tensor_to_bytes", "to_torch",
     "weight_plan", "write_back", "write_into",
 ]

@@ -17,7 +17,7 @@ from torch import nn
 from .. import modelio
 from ..errors import OnnxgrowError, first_line
 from .steps import last_uses, node_label, plan_steps
-from .tensors import FLOAT_TYPES, T, host_or_tensor, tensor_from_ir
+from .tensors import FLOAT_TYPES, T, from_numpy, host_or_tensor, tensor_from_ir
 from .trainable import weight_plan
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ class OnnxModule(nn.Module):
         out = {}
         for name, value in feeds.items():
             if isinstance(value, np.ndarray):
-                value = torch.from_numpy(value)
+                value = from_numpy(value)
             out[name] = value.to(dev) if isinstance(value, torch.Tensor) and value.device != dev else value
         return out
 

@@ -9,6 +9,8 @@ to read their inputs.
 
 from __future__ import annotations
 
+import ml_dtypes
+import numpy as np
 import onnx
 import torch
 
@@ -118,6 +120,13 @@ def axis_of(axis: int, rank: int) -> int:
 
 
 # --- ONNX tensors ----------------------------------------------------------------------------------
+
+
+def from_numpy(array: np.ndarray) -> torch.Tensor:
+    """torch.from_numpy, bfloat16 included (numpy holds it as ml_dtypes.bfloat16, which torch rejects)."""
+    if array.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(np.ascontiguousarray(array).view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
 
 
 def tensor_from_ir(tensor) -> torch.Tensor:
