@@ -23,13 +23,15 @@ from rich.console import Console
 from rich.table import Table
 
 from . import api, modelio
-from .errors import INTERNAL, NOT_PRESERVED, OnnxgrowError, first_line
+from .runtime import parse_provider
+from .errors import INTERNAL, NOT_PRESERVED, InternalError, OnnxgrowError, RuntimeRefused, first_line
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Grow and shrink pretrained transformers at the ONNX graph level.")
 out = Console()
 err = Console(stderr=True)
 
+PROVIDER_HELP = "ONNX Runtime provider: auto | cpu | cuda | cuda:N"
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default" / "tiny-gpt2.onnx"
 verbose_mode = False  # set by --verbose, or ONNXGROW_DEBUG=1
 
@@ -116,7 +118,7 @@ def inspect(model: Path = typer.Argument(..., help="ONNX model"),
 @app.command()
 @one_line_errors
 def validate(source: Path, target: Path,
-             provider: str = typer.Option("auto", help="auto | cuda | cpu"),
+             provider: str = typer.Option("auto", help=PROVIDER_HELP),
              inputs: Optional[Path] = typer.Option(None, help=".npz of named input arrays"),
              text: Optional[str] = typer.Option(None, help="text to feed (with --tokenizer)"),
              tokenizer: Optional[Path] = typer.Option(None, help="tokenizer.json"),
@@ -133,7 +135,8 @@ def validate(source: Path, target: Path,
     raise typer.Exit(report.exit_code)
 
 
-def write_checked(model, source: Path, output: Path, force: bool, exact: bool, verify: bool):
+def write_checked(model, source: Path, output: Path, force: bool, exact: bool, verify: bool,
+                  provider: str = "auto"):
     """Save atomically; for exact methods refuse (exit 1, nothing written) unless outputs match."""
     from .verify import validate as run_validation
     reports = []
@@ -141,7 +144,12 @@ def write_checked(model, source: Path, output: Path, force: bool, exact: bool, v
     def check(tmp_path: Path):
         if not verify:
             return
-        report = run_validation(source, tmp_path)
+        try:
+            report = run_validation(source, tmp_path, provider=provider)
+        except RuntimeRefused as e:
+            if e.path is not None and Path(e.path) == Path(tmp_path):  # the source ran: ours did not
+                raise InternalError(f"ONNX Runtime cannot run the model written ({e}); nothing written") from e
+            raise
         reports.append(report)
         if exact and not report.passed:
             report.print(err)
@@ -164,8 +172,10 @@ def widen(model: Path = typer.Argument(..., help="source ONNX model"),
           seed: int = typer.Option(0),
           output: Optional[Path] = typer.Option(None, "--output", "-o"),
           force: bool = typer.Option(False, help="replace an existing output"),
-          verify: bool = typer.Option(True, help="run both models in ONNX Runtime and compare")):
+          verify: bool = typer.Option(True, help="run both models in ONNX Runtime and compare"),
+          provider: str = typer.Option("auto", help=PROVIDER_HELP)):
     """Make MODEL wider, starting from what it knows."""
+    parse_provider(provider)  # a misspelt provider is refused before the rewrite, not after it
     source = modelio.load(model)
     spec = api.load_structure(source)
     before = spec.config()  # the rewrite happens in place: one copy of the weights in memory
@@ -174,7 +184,7 @@ def widen(model: Path = typer.Argument(..., help="source ONNX model"),
     label = f"widen{api.factor_label(factor)}x" if factor else f"widen-h{hidden}"
     output = output or api.default_output(model, label)
     exact = api.WIDTH_PASSES[method].exact
-    report = write_checked(wide, model, output, force, exact, verify)
+    report = write_checked(wide, model, output, force, exact, verify, provider)
     after = api.load_structure(wide).config()
     out.print(config_table(f"{model} -> {output} ({method})", before, after, headers=("source", "target")))
     finish(report, output)
@@ -191,8 +201,10 @@ def deepen(model: Path = typer.Argument(..., help="source ONNX model"),
            seed: int = typer.Option(0),
            output: Optional[Path] = typer.Option(None, "--output", "-o"),
            force: bool = typer.Option(False, help="replace an existing output"),
-           verify: bool = typer.Option(True, help="run both models in ONNX Runtime and compare")):
+           verify: bool = typer.Option(True, help="run both models in ONNX Runtime and compare"),
+           provider: str = typer.Option("auto", help=PROVIDER_HELP)):
     """Make MODEL deeper: identity blocks (exact), or stacked / interleaved copies of its blocks."""
+    parse_provider(provider)
     source = modelio.load(model)
     spec = api.load_structure(source)
     before = spec.config()
@@ -202,7 +214,7 @@ def deepen(model: Path = typer.Argument(..., help="source ONNX model"),
     after = api.load_structure(deep).config()
     output = output or api.default_output(model, f"deepen-l{after['num_layers']}")
     exact = api.DEPTH_PASSES[method].exact and noise == 0
-    report = write_checked(deep, model, output, force, exact, verify)
+    report = write_checked(deep, model, output, force, exact, verify, provider)
     out.print(config_table(f"{model} -> {output} ({method})", before, after, headers=("source", "target")))
     finish(report, output)
 
@@ -241,7 +253,7 @@ def subclone(model: Path = typer.Argument(..., help="source ONNX model (the larg
              seq: int = typer.Option(64, help="tokens per window"),
              allow_random_calib: bool = typer.Option(False, help="calibrate on random ids when no data is given"),
              rescale: str = typer.Option("norm", help="norm (match norm statistics) | sqrt (paper's sqrt(D/d)) | none"),
-             provider: str = typer.Option("auto", help="auto | cuda | cpu"),
+             provider: str = typer.Option("auto", help=PROVIDER_HELP),
              report: bool = typer.Option(True, help="print the fidelity report (runs source, subclone and a "
                                                     "random model on held-out windows)"),
              output: Optional[Path] = typer.Option(None, "--output", "-o"),

@@ -43,7 +43,15 @@ class InternalError(OnnxgrowError):
     """onnxgrow's own output failed a check (checker, ONNX Runtime) that a correct rewrite passes."""
 
     def __init__(self, message: str):
-        super().__init__(message, INTERNAL)
+        super().__init__(f"internal error: {message} (a bug in onnxgrow: please report it)", INTERNAL)
+
+
+class RuntimeRefused(OnnxgrowError):
+    """ONNX Runtime could not load or run the model at `path` (which may be the input, or ours)."""
+
+    def __init__(self, message: str, path=None):
+        super().__init__(message)
+        self.path = path
 
 
 def describe_node(node) -> str:

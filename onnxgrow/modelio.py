@@ -22,7 +22,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from .errors import OnnxgrowError, first_line
+from .errors import InternalError, OnnxgrowError, first_line
 from .singlefile import merge_external
 
 TWO_GB = 2**31
@@ -502,7 +502,7 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
         # from it without ever holding the whole serialized model (onnxgrow/singlefile.py).
         staged = tmp_dir / path.name
         ir.save(model, staged, external_data=data_name)
-        onnx.checker.check_model(str(staged))
+        check_written(staged)
         if verify is not None:
             verify(staged)
         if external_data:
@@ -512,15 +512,21 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
             merged = tmp_dir / (path.name + ".single")
             merge_external(staged, merged)
             os.replace(merged, path)
-    except OnnxgrowError:
-        raise
-    except Exception as e:
-        raise OnnxgrowError(f"could not write {path}: {e}".splitlines()[0]) from None
+    except OSError as e:  # the disk or the folder, not the model: full, read-only, gone
+        raise OnnxgrowError(f"could not write {path}: {first_line(e)}") from e
     finally:
         for leftover in tmp_dir.glob("*"):
             leftover.unlink()
         tmp_dir.rmdir()
     return path
+
+
+def check_written(staged: Path) -> None:
+    """A model onnxgrow wrote must pass onnx.checker; if it does not, that is onnxgrow's fault."""
+    try:
+        onnx.checker.check_model(str(staged))
+    except onnx.checker.ValidationError as e:
+        raise InternalError(f"the model written fails onnx.checker ({first_line(e)}); nothing written") from e
 
 
 def guard_output_path(path: Path, input_paths: tuple[Path, ...], force: bool) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import OnnxgrowError
+from .errors import OnnxgrowError, RuntimeRefused
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def _create(path, providers: list) -> ort.InferenceSession:
             # ORT's CPU provider has no kernel for some op/type pairs, most bfloat16 arithmetic among them
             message += (" (ONNX Runtime's CPU provider has no kernel for this op in this model's dtype; "
                         "bfloat16 models need --provider cuda with onnxruntime-gpu)")
-        raise OnnxgrowError(f"onnxruntime could not load {path}: {message}") from e
+        raise RuntimeRefused(f"onnxruntime could not load {path}: {message}", path) from e
     session.onnxgrow_path = str(path)  # for error messages; a session opened from bytes has no path
     session.onnxgrow_provider = session.get_providers()[0]
     return session
@@ -213,7 +213,7 @@ def run_model(model, feeds: dict[str, np.ndarray], provider: str = "auto") -> di
         session.run_with_iobinding(binding)
         return {n: to_numpy(v) for n, v in zip(outputs, binding.get_outputs())}
     except Exception as e:
-        raise OnnxgrowError(f"onnxruntime could not run {name}: {one_line(e)}") from e
+        raise RuntimeRefused(f"onnxruntime could not run {name}: {one_line(e)}", name) from e
 
 
 def to_ortvalue(array: np.ndarray) -> ort.OrtValue:

@@ -104,3 +104,55 @@ def test_validate_json_survives_a_cuda_failure(fake_cuda):
     report = json.loads(result.stdout)
     assert report["provider"] == runtime.CPU and report["passed"]
     assert "running on the CPU" in result.stderr
+
+
+# --- onnxgrow's own output: its failures are exit 3, and nothing is written ---------------------------
+
+
+def run_cli(*args):
+    from typer.testing import CliRunner
+
+    from onnxgrow.cli import app
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_widen_takes_a_provider(tmp_path):
+    out = tmp_path / "wide.onnx"
+    result = run_cli("widen", DEFAULT_MODEL, "--factor", "2", "--provider", "cpu", "-o", out)
+    assert result.exit_code == 0, result.output and out.is_file()
+    assert "CPUExecutionProvider" in result.output
+    bad = run_cli("deepen", DEFAULT_MODEL, "--factor", "2", "--provider", "gpu", "-o", tmp_path / "d.onnx")
+    assert bad.exit_code == 2 and "unknown provider 'gpu'" in bad.output
+    assert not (tmp_path / "d.onnx").exists()
+
+
+def test_a_written_model_failing_the_checker_is_an_internal_error(tmp_path, monkeypatch):
+    """Injected defect: the checker refuses what onnxgrow wrote. That is onnxgrow's fault (exit 3),
+    not the input's (exit 2), and nothing is written."""
+    import onnx
+
+    real = onnx.checker.check_model
+
+    def refuse_ours(model, *args, **kwargs):
+        if ".onnxgrow-" in str(model):  # the staged output (the input is checked as a proto)
+            raise onnx.checker.ValidationError("Nodes in a graph must be topologically sorted")
+        return real(model, *args, **kwargs)
+    monkeypatch.setattr(onnx.checker, "check_model", refuse_ours)
+    result = run_cli("widen", DEFAULT_MODEL, "--factor", "2", "-o", tmp_path / "wide.onnx")
+    assert result.exit_code == 3, result.output
+    assert "internal error" in result.output and "fails onnx.checker" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_runtime_refusing_our_output_is_an_internal_error(tmp_path, monkeypatch):
+    """Injected defect: ONNX Runtime cannot load the model written (but loads the source)."""
+    class Session(REAL_SESSION):
+        def __init__(self, path, *args, **kwargs):
+            if ".onnxgrow-" in str(path):  # the staged output, before it is moved into place
+                raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Type Error: Type mismatch")
+            super().__init__(path, *args, **kwargs)
+    monkeypatch.setattr(ort, "InferenceSession", Session)
+    result = run_cli("deepen", DEFAULT_MODEL, "--factor", "2", "-o", tmp_path / "deep.onnx")
+    assert result.exit_code == 3, result.output
+    assert "internal error" in result.output and "cannot run the model written" in result.output
+    assert list(tmp_path.iterdir()) == []
