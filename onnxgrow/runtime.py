@@ -28,7 +28,11 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import onnx
-import onnxruntime as ort
+
+try:
+    import onnxruntime as ort
+except ImportError:  # neither onnxruntime nor onnxruntime-gpu: said when a session is first needed
+    ort = None
 
 from .errors import OnnxgrowError, RuntimeRefused
 
@@ -56,8 +60,15 @@ def parse_provider(text: str) -> ProviderChoice:
     return ProviderChoice(match.group(1), int(match.group(2) or 0))
 
 
+def require_runtime():
+    if ort is None:
+        raise OnnxgrowError("ONNX Runtime is not installed: pip install 'onnxgrow[cpu]' "
+                            "(or 'onnxgrow[gpu]' for CUDA)")
+    return ort
+
+
 def cuda_available() -> bool:
-    return CUDA in ort.get_available_providers()
+    return CUDA in require_runtime().get_available_providers()
 
 
 def cuda_entry(device: int = 0) -> tuple[str, dict]:
