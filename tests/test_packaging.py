@@ -48,3 +48,27 @@ def test_every_subpackage_is_listed_in_pyproject():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "onnxgrow").rglob("__init__.py")}
     assert found | {"onnxgrow.passes"} == listed
+
+
+def test_one_onnx_runtime_per_extra():
+    """Both runtimes provide the `onnxruntime` module: the base install has none, `cpu` and `gpu` one
+    each (resolved with pip: `pip install --dry-run --report r.json '.[gpu]'` lists onnxruntime-gpu and
+    not onnxruntime)."""
+    import tomllib
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtimes = lambda reqs: sorted(r.split("[")[0].split(">")[0].split("=")[0] for r in reqs  # noqa: E731
+                                   if r.startswith("onnxruntime"))
+    extras = project["optional-dependencies"]
+    assert runtimes(project["dependencies"]) == []
+    assert runtimes(extras["cpu"]) == ["onnxruntime"] and runtimes(extras["gpu"]) == ["onnxruntime-gpu"]
+    assert all(runtimes(reqs) == [] for name, reqs in extras.items() if name not in ("cpu", "gpu"))
+
+
+def test_without_onnx_runtime_sessions_fail_in_one_line(monkeypatch):
+    import pytest
+
+    from onnxgrow import runtime
+    from onnxgrow.errors import OnnxgrowError
+    monkeypatch.setattr(runtime, "ort", None)
+    with pytest.raises(OnnxgrowError, match=r"ONNX Runtime is not installed: pip install 'onnxgrow\[cpu\]'"):
+        runtime.open_session(ROOT / "models" / "default" / "tiny-gpt2.onnx", "auto")
