@@ -39,6 +39,7 @@ from .errors import OnnxgrowError, RuntimeRefused
 log = logging.getLogger(__name__)
 
 PROVIDER_HELP = "auto | cpu | cuda | cuda:N"
+NO_KERNEL = "Could not find an implementation for"  # ORT has no kernel for an op in this dtype
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 
@@ -143,8 +144,25 @@ def session_options() -> ort.SessionOptions:
     return options
 
 
-def open_session(path: str | os.PathLike, provider: str = "auto") -> ort.InferenceSession:
-    """A session for the model at `path` on `provider`; `session.onnxgrow_provider` says which ran."""
+def open_session(path: str | os.PathLike, provider: str = "auto", *, bridge_fallback: bool = False):
+    """A session for the model at `path` on `provider`; `session.onnxgrow_provider` says which ran.
+
+    With `bridge_fallback`, a model that ONNX Runtime has no kernels for in its dtype on this provider
+    (bfloat16 on the CPU, and a few ops on CUDA) runs in the torch bridge instead, on the same device.
+    """
+    try:
+        return _open_session(path, provider)
+    except RuntimeRefused as e:
+        if not (bridge_fallback and NO_KERNEL in str(e)):
+            raise
+        bridge = BridgeSession.open(path, provider)
+        if bridge is None:
+            raise
+        log.info("%s runs in the torch bridge: %s", path, e)
+        return bridge
+
+
+def _open_session(path, provider: str):
     check_single_runtime()
     choice = parse_provider(provider)
     providers = resolve_providers(provider)
@@ -172,7 +190,7 @@ def _create(path, providers: list) -> ort.InferenceSession:
             session = _session_with_small_tensors_inline(Path(path), options, providers)
     except Exception as e:
         message = one_line(e)
-        if "Could not find an implementation for" in message and providers == [CPU]:
+        if NO_KERNEL in message and providers == [CPU]:
             # ORT's CPU provider has no kernel for some op/type pairs, most bfloat16 arithmetic among them
             message += (" (ONNX Runtime's CPU provider has no kernel for this op in this model's dtype; "
                         "bfloat16 models need --provider cuda with onnxruntime-gpu)")
@@ -205,12 +223,55 @@ def _session_with_small_tensors_inline(path: Path, options, providers) -> ort.In
 # --- running --------------------------------------------------------------------------------------
 
 
+class BridgeSession:
+    """The torch bridge in place of an ONNX Runtime session: same outputs, by name, in host memory."""
+
+    def __init__(self, module, path, device):
+        self.module, self.device = module, device
+        self.onnxgrow_path = str(path)
+        self.onnxgrow_provider = f"torch bridge ({device})"
+
+    @classmethod
+    def open(cls, path, provider: str):
+        """None when torch (the `train` extra) is not installed."""
+        try:
+            import torch
+
+            from .bridge import to_torch
+        except ImportError:
+            return None
+        device = torch.device("cpu" if parse_provider(provider).kind == "cpu" or not torch.cuda.is_available()
+                              else f"cuda:{parse_provider(provider).device}")
+        return cls(to_torch(path).to(device).eval(), path, device)
+
+    def get_outputs(self):
+        return [type("Output", (), {"name": n})() for n in self.module.output_names]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from .bridge import from_numpy
+        with torch.no_grad():
+            outputs = self.module(**{k: from_numpy(v) for k, v in feeds.items()})
+        return {n: bridge_to_numpy(t) for n, t in outputs.items()}
+
+
+def bridge_to_numpy(t) -> np.ndarray:
+    import torch
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
 def run_model(model, feeds: dict[str, np.ndarray], provider: str = "auto") -> dict[str, np.ndarray]:
     """Run a model (path or open session) on `feeds`; return every output by name, in host memory.
 
     Goes through an IO binding because numpy has no bfloat16 for ORT to hand back; the binding gives
     raw tensors that are read as ml_dtypes.bfloat16.
     """
+    if isinstance(model, BridgeSession):
+        return model.run(feeds)
     session = model if isinstance(model, ort.InferenceSession) else open_session(model, provider)
     name = getattr(session, "onnxgrow_path", None) or getattr(session, "_model_path", None) or str(model)
     try:

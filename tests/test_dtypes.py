@@ -420,6 +420,29 @@ def test_float16_weights_in_a_float32_graph_get_the_float16_tolerance(variants, 
     print(f"{name} cast16 hypercloning x3: max abs {worst:.2e}")
 
 
-def test_validate_explains_missing_bfloat16_kernels(variants):
+def test_validate_explains_missing_bfloat16_kernels(variants, monkeypatch):
+    """Without torch there is no bridge to fall back on: ONNX Runtime's refusal is explained."""
+    from onnxgrow import runtime
+    monkeypatch.setattr(runtime.BridgeSession, "open", classmethod(lambda cls, path, provider: None))
     with pytest.raises(OnnxgrowError, match="no kernel for this op in this model's dtype"):
         validate(variants.path("gpt2-ts17", "bfloat16"), variants.path("gpt2-ts17", "bfloat16"), provider="cpu")
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_bfloat16_rewrites_are_verified_in_the_torch_bridge(variants, tmp_path, name):
+    """ONNX Runtime's CPU provider cannot run bfloat16 graphs: widen's own check runs both models in
+    the torch bridge instead (on the same device), says so, and still catches a wrong weight."""
+    source = variants.path(name, "bfloat16")
+    out = tmp_path / "wide.onnx"
+    result = runner.invoke(app, ["widen", str(source), "--factor", "2", "--provider", "cpu", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "torch bridge (cpu)" in flat(result.output)
+    report = validate(source, out, provider="cpu")
+    assert report.passed and report.provider == "torch bridge (cpu)"
+    assert report.outputs[0].rule == tol.BY_DTYPE["bfloat16"]
+    broken = onnx.load(str(out))
+    weight = max((t for t in broken.graph.initializer if t.data_type == TensorProto.BFLOAT16), key=lambda t: len(t.raw_data))
+    array = numpy_helper.to_array(weight).astype(np.float32)
+    weight.CopyFrom(numpy_helper.from_array((array * 1.5).astype(ml_dtypes.bfloat16), weight.name))
+    onnx.save(broken, str(tmp_path / "broken.onnx"))
+    assert not validate(source, tmp_path / "broken.onnx", provider="cpu").passed
