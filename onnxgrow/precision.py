@@ -135,15 +135,25 @@ def grads_finite(params) -> bool:
     return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
 
 
-def check_finite_loss(loss: float, step: int, lr: float) -> None:
-    if not math.isfinite(loss):
-        raise OnnxgrowError(f"training diverged: the loss is {loss} at step {step + 1} (lr {lr:g}); nothing "
-                            "written (try a smaller --lr)", NOT_PRESERVED)
+def check_finite_loss(loss: float, step: int, lr: float, updated: bool = True) -> None:
+    """A non-finite loss after updates is a diverged run (exit 1); before any update, the model as given
+    is broken (exit 2: non-finite or huge weights), and no learning rate would help."""
+    if math.isfinite(loss):
+        return
+    if not updated:
+        raise OnnxgrowError(f"the model's loss is {loss} before any training step: its weights are broken "
+                            "(non-finite or huge values); nothing written")
+    raise OnnxgrowError(f"training diverged: the loss is {loss} at step {step + 1} (lr {lr:g}); nothing "
+                        "written (try a smaller --lr)", NOT_PRESERVED)
 
 
-def check_finite_weights(module, when: str) -> None:
-    """Refuse to write a model or checkpoint whose weights are not all finite."""
+def check_finite_weights(module, when: str, given: bool = False) -> None:
+    """Refuse to write a model or checkpoint whose weights are not all finite; `given`: the weights
+    are the model's as loaded (then the input is at fault, exit 2)."""
     bad = [name for name, p in module.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad and given:
+        raise OnnxgrowError(f"the model's weights are not finite {when} ({len(bad)}, first: {bad[0]}); "
+                            "nothing written")
     if bad:
         raise OnnxgrowError(f"training diverged: {len(bad)} weight(s) are not finite {when} "
                             f"(first: {bad[0]}); nothing written (try a smaller --lr)", NOT_PRESERVED)

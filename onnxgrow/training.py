@@ -111,6 +111,7 @@ class Trainer:
         log.debug("precision: %s", self.precision.describe())
         self.rng = np.random.default_rng(seed)  # data order and MLM masks
         self.steps_done = 0
+        self.updated = False  # whether any optimiser step has changed the weights (in this process or before)
         self.losses: list[float] = []  # training loss of every step, from the first (resumed runs too)
         self.val_history: list[tuple[int, float]] = []  # (step, validation loss)
         self.train_time, self.tokens_seen = 0.0, 0  # this process's steps only, for tokens/s
@@ -170,7 +171,7 @@ class Trainer:
         self.student.module.train()
         loss = self.loss(ids, labels)
         value = loss.item()  # syncs, so the timing below is the step's real time
-        precision.check_finite_loss(value, self.steps_done, lr)
+        precision.check_finite_loss(value, self.steps_done, lr, updated=self.updated)
         self.student.module.zero_grad(set_to_none=True)
         self.optimizer.zero_grad(set_to_none=True)
         scale = self.loss_scale.value
@@ -196,6 +197,7 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         self.optimizer.step()
         self.master.copy_back()
+        self.updated = True
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -243,6 +245,7 @@ class Trainer:
         self.master.load(state.get("master", []))
         self.loss_scale.value = state.get("loss_scale", self.loss_scale.value)
         self.steps_done, self.losses = state["step"], list(state["losses"])
+        self.updated = self.steps_done > 0
         self.val_history = [tuple(v) for v in state["val"]]
         self.rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
@@ -376,10 +379,13 @@ def train(model_path, data_path, *, tokenizer=None, use_bytes=False, steps, batc
     trainer = Trainer.build(m, data_path, tokenizer=tokenizer, use_bytes=use_bytes, steps=steps, batch=batch,
                             seq=seq, lr=lr, device=dev, objective=objective, val_fraction=val_fraction,
                             seed=seed, distill_from=distill_from, alpha=alpha, model_path=model_path)
+    precision.check_finite_weights(trainer.student.module, "before training", given=True)
     if resume:
         trainer.load_checkpoint(ckpt_path)
     start = trainer.steps_done
     val_start = trainer.validate()
+    if val_start is not None:
+        precision.check_finite_loss(val_start, start, lr, updated=trainer.updated)
     if val_start is not None:
         console.print(f"step {start}: validation loss {val_start:.4f} ({trainer.objective}, "
                       f"{len(trainer.train_tokens):,} training tokens, {len(trainer.val_tokens):,} held out, "

@@ -157,3 +157,19 @@ def test_master_weights_keep_updates_smaller_than_a_float16_step():
         master.copy_back()
     assert float(master.params()[0][0, 0].detach()) == pytest.approx(1.002, abs=1e-6)
     assert float(p[0, 0]) == pytest.approx(1.002, abs=1e-3) and float(p[0, 0]) > 1.0
+
+
+def test_a_model_broken_before_training_is_bad_input(zoo, tmp_path, text_file):
+    """A loss that is not finite before any update is the input's fault (exit 2), not a divergence."""
+    model = onnx.load(zoo["gpt2-ts17"]["file"])
+    weight = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    array = numpy_helper.to_array(weight).copy()
+    array.flat[0] = np.inf
+    weight.CopyFrom(numpy_helper.from_array(array, weight.name))
+    source = tmp_path / "broken.onnx"
+    onnx.save(model, str(source))
+    result = CliRunner().invoke(app, ["train", str(source), "--data", str(text_file), "--bytes", "--steps", "2",
+                                      "--batch", "2", "--seq", "16", "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert "not finite before training" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.onnx"]
