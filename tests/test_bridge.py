@@ -367,3 +367,18 @@ def test_weights_of_a_model_with_deduplicated_parameters(zoo, tmp_path):
     assert torch.equal(tensors["layers.0.attn.o.bias"], tensors["layers.1.attn.o.bias"])
     restored = weights.load_weights(path, out)
     assert restored.SerializeToString() == onnx.load(str(path)).SerializeToString()
+
+
+@pytest.mark.parametrize("name", ZOO_NAMES)
+def test_every_zoo_model_runs_on_the_meta_device(zoo, name):
+    """Shapes only, no data: what a CUDA run would compute, checked without a GPU (every op's
+    implementation must work on a device other than the CPU, and host values must stay on the host)."""
+    import torch
+    path = zoo_model(zoo, name)
+    feeds = {k: torch.from_numpy(v).to("meta") for k, v in make_inputs(path, 2, 5).items()}
+    module = bridge.to_torch(path).to("meta")
+    with torch.no_grad():
+        outputs = module(**feeds)
+    reference = run_model(path, make_inputs(path, 2, 5), "cpu")
+    assert {n: tuple(t.shape) for n, t in outputs.items()} == {n: a.shape for n, a in reference.items()}
+    assert all(t.device.type == "meta" for t in outputs.values())

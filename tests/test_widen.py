@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 import onnxgrow
 from onnxgrow.cli import app
 from onnxgrow.errors import UnsupportedGraph
+from onnxgrow.verify import validate
 from conftest import DEFAULT_MODEL, SMALL_NAMES
 from helpers import save_and_validate, worst
 
@@ -200,3 +201,27 @@ def test_cli_rejects_non_integer_hypercloning(tmp_path):
     result = runner.invoke(app, ["widen", str(DEFAULT_MODEL), "--factor", "1.5", "-o", str(tmp_path / "x.onnx")])
     assert result.exit_code == 2 and "integer" in result.output
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_injected_io_map_that_drops_a_source_index_is_caught(zoo, tmp_path, monkeypatch):
+    """Injected defect: a widen whose io map leaves one source index out. validate would otherwise
+    compare only the indices the map lists; it must fail the output instead."""
+    import json
+
+    from onnxgrow import resize
+    real = resize.compose_io_maps
+
+    def drop_index_zero(previous, new):
+        for axes in new["outputs"].values():
+            for axis, index in axes.items():
+                axes[axis] = [-1 if i == 0 else i for i in index]
+        return real(previous, new)
+    monkeypatch.setattr(resize, "compose_io_maps", drop_index_zero)
+    source = zoo["gpt2-optimum-kv"]["file"]  # its present.* outputs are widened with the heads
+    out = tmp_path / "wide.onnx"
+    onnx.save(onnxgrow.widen(source, 2), str(out))
+    assert any(axes for axes in json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}
+                                           ["onnxgrow.io_map"])["outputs"].values())
+    report = validate(source, out, provider="cpu")
+    assert not report.passed
+    assert any("only a subclone may drop indices" in o.note for o in report.outputs)
