@@ -402,7 +402,7 @@ def rename_case(data: bytes, seed: int) -> Case:
         model = onnx.load_from_string(data)
         graph = model.graph
         outer = {v.name for v in [*graph.input, *graph.output]}
-        names = sorted({o for n in graph.node for o in n.output if o} | {t.name for t in graph.initializer} - outer)
+        names = sorted(({o for n in graph.node for o in n.output if o} | {t.name for t in graph.initializer}) - outer)
         old = r.choice(names)
         taken = names + sorted(outer)
         new = r.choice(["renamed", "a/b.c:0", "onnx::Renamed_1", "x" * 200]) + f"_{seed}"
