@@ -361,7 +361,7 @@ def demo(output_dir: Path = typer.Option(Path("out"), help="where to write the g
     inspect(DEFAULT_MODEL, as_json=False)
     target = output_dir / "tiny-gpt2.widen2x.onnx"
     widen(DEFAULT_MODEL, factor=2, hidden=None, heads=None, kv_heads=None, ffn=None,
-          method="hypercloning", noise=0.01, seed=0, output=target, force=True, verify=True)
+          method="hypercloning", noise=0.01, seed=0, output=target, force=True, verify=True, provider="auto")
 
 
 def main():
