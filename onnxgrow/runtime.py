@@ -309,3 +309,6 @@ def one_line(error: Exception) -> str:
     text = " ".join(str(error).split())
     text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
     return text[:400] or type(error).__name__
+
+
+check_single_runtime()  # once, at import: two runtimes installed is a broken install, whatever runs next
