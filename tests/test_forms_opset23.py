@@ -154,3 +154,90 @@ def test_3d_attention_widens_exactly(tmp_path):
 def test_3d_attention_without_head_counts_is_named():
     with pytest.raises(UnsupportedGraph, match="3-D inputs and no q_num_heads attribute"):
         onnxgrow.inspect(attention_3d(with_heads=False))
+
+
+# --- the bridge's ops against ONNX Runtime ------------------------------------------------------------------
+
+RNG = np.random.default_rng(23)
+
+
+def rand(*shape):
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def one_node(node, feeds: dict, n_out: int) -> onnx.ModelProto:
+    inputs = [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+              for k, v in feeds.items()]
+    outputs = [helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in node.output[:n_out]]
+    proto = helper.make_model(helper.make_graph([node], "g", inputs, outputs),
+                              opset_imports=[helper.make_opsetid("", 23)])
+    proto.ir_version = 10
+    return proto
+
+
+def causal_bool(q_len, kv_len):
+    return np.tril(np.ones((q_len, kv_len), bool), kv_len - q_len)
+
+
+B, S, P = 2, 5, 3  # batch, new positions, past positions
+BRIDGE_CASES = {
+    "attention-4d": (dict(), dict(q=rand(B, 4, S, 8), k=rand(B, 4, S, 8), v=rand(B, 4, S, 8)), 1),
+    "attention-4d-causal-scale-gqa": (dict(is_causal=1, scale=0.3),
+                                      dict(q=rand(B, 4, S, 8), k=rand(B, 2, S, 8), v=rand(B, 2, S, 6)), 1),
+    "attention-4d-bool-mask": (dict(), dict(q=rand(B, 4, S, 8), k=rand(B, 4, S, 8), v=rand(B, 4, S, 8),
+                                             mask=np.broadcast_to(causal_bool(S, S), (B, 1, S, S)).copy()), 1),
+    "attention-4d-float-mask-softcap": (dict(softcap=2.0), dict(q=rand(B, 4, S, 8), k=rand(B, 4, S, 8),
+                                                                v=rand(B, 4, S, 8), mask=rand(S, S)), 1),
+    "attention-4d-past-causal": (dict(is_causal=1),
+                                 dict(q=rand(B, 4, S, 8), k=rand(B, 2, S, 8), v=rand(B, 2, S, 8),
+                                      mask=None, past_key=rand(B, 2, P, 8), past_value=rand(B, 2, P, 8)), 3),
+    "attention-3d-gqa-causal": (dict(q_num_heads=4, kv_num_heads=2, is_causal=1),
+                                dict(q=rand(B, S, 32), k=rand(B, S, 16), v=rand(B, S, 12)), 1),
+    "rotary-4d": (dict(), dict(x=rand(1, 4, S, 8), cos=rand(1, S, 4), sin=rand(1, S, 4)), 1),
+    "rotary-3d-interleaved-position-ids": (dict(num_heads=4, interleaved=1),
+                                           dict(x=rand(1, S, 32), cos=rand(16, 4), sin=rand(16, 4),
+                                                position_ids=RNG.integers(0, 16, (1, S)).astype(np.int64)), 1),
+    "rotary-4d-partial": (dict(rotary_embedding_dim=4), dict(x=rand(1, 4, S, 8), cos=rand(1, S, 2),
+                                                             sin=rand(1, S, 2)), 1),
+    "rmsnorm": (dict(axis=-1, epsilon=1e-5), dict(x=rand(B, S, 8), scale=rand(8)), 1),
+}
+
+
+@pytest.mark.parametrize("case", list(BRIDGE_CASES))
+def test_bridge_op_matches_onnxruntime(case):
+    import onnxruntime as ort
+    from onnxgrow import bridge
+    attrs, feeds, n_out = BRIDGE_CASES[case]
+    op = {"attention": "Attention", "rotary": "RotaryEmbedding", "rmsnorm": "RMSNormalization"}[case.split("-")[0]]
+    names = [k if v is not None else "" for k, v in feeds.items()]
+    outputs = ["y", "present_key", "present_value"][:n_out]
+    node = helper.make_node(op, names, outputs, **attrs)
+    feeds = {k: v for k, v in feeds.items() if v is not None}
+    proto = one_node(node, feeds, n_out)
+    expected = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    import torch
+    got = bridge.to_torch(proto)(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+    for g, e in zip(got.values(), expected):
+        g = g.detach().numpy()
+        assert g.shape == e.shape
+        assert np.abs(g - e).max() <= 1e-4 * np.abs(e).max()
+
+
+@pytest.mark.parametrize("name", FORMS)
+def test_train_two_steps_writes_a_model_onnxruntime_runs(zoo, tmp_path, name):
+    import io
+    from rich.console import Console
+    from onnxgrow import training
+    from onnxgrow.verify import run_model
+    source = zoo_model(zoo, name)
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    out = tmp_path / "trained.onnx"
+    summary = training.train(source, text, use_bytes=True, steps=2, batch=1, seq=16, lr=1e-3, output=out,
+                             console=Console(file=io.StringIO()))
+    assert summary["output"] == str(out) and len(summary["losses"]) == 2
+    ids = np.frombuffer(b"the lazy dog", np.uint8).astype(np.int64)[None]
+    logits = run_model(out, {"input_ids": ids, "attention_mask": np.ones_like(ids)}, "cpu")["logits"]
+    assert logits.shape == (1, ids.shape[1], 1000) and np.isfinite(logits).all()
+    assert not np.array_equal(logits, run_model(source, {"input_ids": ids, "attention_mask": np.ones_like(ids)},
+                                                "cpu")["logits"])
