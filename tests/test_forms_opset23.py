@@ -241,3 +241,11 @@ def test_train_two_steps_writes_a_model_onnxruntime_runs(zoo, tmp_path, name):
     assert logits.shape == (1, ids.shape[1], 1000) and np.isfinite(logits).all()
     assert not np.array_equal(logits, run_model(source, {"input_ids": ids, "attention_mask": np.ones_like(ids)},
                                                 "cpu")["logits"])
+
+
+@pytest.mark.parametrize("name", FORMS)
+def test_export_weights_names_the_attention_projections(zoo, tmp_path, name):
+    from safetensors.numpy import load_file
+    from onnxgrow.weights import export_weights
+    names = set(load_file(str(export_weights(zoo_model(zoo, name), tmp_path / "w.safetensors"))))
+    assert any("attn" in n or "attention" in n for n in names), sorted(names)
