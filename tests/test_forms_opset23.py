@@ -249,3 +249,56 @@ def test_export_weights_names_the_attention_projections(zoo, tmp_path, name):
     from onnxgrow.weights import export_weights
     names = set(load_file(str(export_weights(zoo_model(zoo, name), tmp_path / "w.safetensors"))))
     assert any("attn" in n or "attention" in n for n in names), sorted(names)
+
+
+def attention_4d_with_cache() -> onnx.ModelProto:
+    """ids -> embedding -> q/k/v -> [b, heads, s, d] -> causal 4-D Attention with a past (4 query heads,
+    2 key/value heads, no repeat in the graph) -> present key/value outputs and logits."""
+    rng = np.random.default_rng(1)
+    hidden, vocab, d = 8, 11, 2
+
+    def w(name, *shape):
+        return onnx.numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32), name)
+
+    def ints(name, values):
+        return onnx.numpy_helper.from_array(np.array(values, np.int64), name)
+    heads = [helper.make_node("Reshape", [f"{p}", f"{p}_shape"], [f"{p}4"]) for p in "qkv"] + [
+        helper.make_node("Transpose", [f"{p}4"], [f"{p}h"], perm=[0, 2, 1, 3]) for p in "qkv"]
+    nodes = [helper.make_node("Gather", ["emb", "input_ids"], ["x"])] + [
+        helper.make_node("MatMul", ["x", f"w{p}"], [p]) for p in "qkv"] + heads + [
+        helper.make_node("Attention", ["qh", "kh", "vh", "", "past_key_values.0.key", "past_key_values.0.value"],
+                         ["ah", "present.0.key", "present.0.value"], is_causal=1),
+        helper.make_node("Transpose", ["ah"], ["a4"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["a4", "a_shape"], ["a"]),
+        helper.make_node("MatMul", ["a", "wo"], ["o"]), helper.make_node("Add", ["x", "o"], ["r"]),
+        helper.make_node("MatMul", ["r", "wu"], ["u"]), helper.make_node("Relu", ["u"], ["g"]),
+        helper.make_node("MatMul", ["g", "wd"], ["dn"]), helper.make_node("Add", ["r", "dn"], ["r2"]),
+        helper.make_node("MatMul", ["r2", "wh"], ["logits"])]
+    inits = [w("emb", vocab, hidden), w("wq", hidden, 4 * d), w("wk", hidden, 2 * d), w("wv", hidden, 2 * d),
+             w("wo", 4 * d, hidden), w("wu", hidden, 16), w("wd", 16, hidden), w("wh", hidden, vocab),
+             ints("q_shape", [0, 0, 4, d]), ints("k_shape", [0, 0, 2, d]), ints("v_shape", [0, 0, 2, d]),
+             ints("a_shape", [0, 0, 4 * d])]
+    f, i64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
+    cache = ["batch", 2, "past_sequence_length", d]
+    present = ["batch", 2, "past_sequence_length + sequence_length", d]
+    graph = helper.make_graph(
+        nodes, "att4d", [helper.make_tensor_value_info("input_ids", i64, ["batch", "sequence_length"]),
+                         helper.make_tensor_value_info("past_key_values.0.key", f, cache),
+                         helper.make_tensor_value_info("past_key_values.0.value", f, cache)],
+        [helper.make_tensor_value_info("logits", f, ["batch", "sequence_length", vocab]),
+         helper.make_tensor_value_info("present.0.key", f, present),
+         helper.make_tensor_value_info("present.0.value", f, present)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+
+
+def test_4d_attention_with_a_cache_widens_exactly(tmp_path):
+    source, out = tmp_path / "src.onnx", tmp_path / "wide.onnx"
+    onnx.save(attention_4d_with_cache(), source)
+    config = onnxgrow.inspect(source)
+    assert (config["num_heads"], config["num_kv_heads"], config["head_dim"]) == (4, 2, 2)
+    onnx.save(onnxgrow.widen(source, 2), out)
+    report = validate(source, out, shapes=((1, 5), (2, 7)))
+    assert report.passed, report.to_dict()
+    assert_close_to_scale(report)
+    wide = onnxgrow.inspect(out)
+    assert (wide["num_heads"], wide["num_kv_heads"]) == (8, 4)

@@ -58,10 +58,9 @@ def group_heads(q_heads: Dim, kv_heads: Dim) -> None:
     unify(q_heads, product_of([kv_heads, Dim(q_heads.size // kv_heads.size)]))
 
 
-def attention_form(node, ins) -> str | None:
-    """"4-D" or "3-D" by Q's rank; None (with the reason in the node's problem) otherwise."""
-    q = ins[0]
-    return {4: "4-D", 3: "3-D"}.get(len(q)) if q is not None else None
+def attention_form(q: list[Dim]) -> str | None:
+    """"4-D" or "3-D" by Q's rank, else None."""
+    return {4: "4-D", 3: "3-D"}.get(len(q))
 
 
 @RULES.register("Attention", since=23)
@@ -69,7 +68,7 @@ def attention(flow, node, ins):
     q, k, v = ins[0], ins[1], ins[2]
     if q is None or k is None or v is None:
         return flow.fail(node, "an opset-23 Attention node whose Q, K or V shape is unknown")
-    form = attention_form(node, ins)
+    form = attention_form(q)
     if form is None or len(k) != len(q) or len(v) != len(q):
         return flow.fail(node, f"an opset-23 Attention node with {len(q)}-D Q, {len(k)}-D K and {len(v)}-D V")
     for a, b in ((q[0], k[0]), (k[0], v[0])):  # batch
