@@ -216,7 +216,16 @@ def _loud():
             Spec("llama-gqa-loud-ts17", "llama", "torchscript", 17, dict(GQA, final_norm_scale=LOUD_NORM))]
 
 
-MODELS = _zoo() + _loud()
+# Opset-23 dynamo exports: SDPA becomes the ONNX Attention op, and onnxscript's fusions write
+# RMSNormalization and RotaryEmbedding. ONNX Runtime 1.32's RotaryEmbedding kernel runs these at batch 1
+# only, so they are verified and tested at batch 1. Not part of _zoo() (the list every test
+# parametrises over): tests/test_forms_opset23.py names them.
+def _opset23():
+    return [Spec("gpt2-dynamo23", "gpt2", "dynamo", 23, dict(TINY)),
+            Spec("llama-gqa-dynamo23", "llama", "dynamo", 23, dict(GQA))]
+
+
+MODELS = _zoo() + _loud() + _opset23()
 DEFAULT_SPEC = Spec("tiny-gpt2", "gpt2", "torchscript", 17, dict(DEFAULT))
 
 

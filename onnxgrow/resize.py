@@ -6,7 +6,8 @@ A pass says, for each atomic Dim it changes, which old index every new index cop
 - every initializer axis that measures a changed Dim (composite axes like heads x head_dim or a
   fused q|k|v are expanded part by part, so fused QKV grows per segment),
 - every literal in a shape constant whose meaning involves a changed Dim (Reshape targets, Split
-  sizes, Slice offsets),
+  sizes, Slice offsets), and every node attribute that counts heads (opset-23 Attention's
+  q_num_heads and kv_num_heads, RotaryEmbedding's num_heads),
 - the declared shapes of graph inputs and outputs, plus an io_map in the model's metadata that tells
   `validate` how old outputs map to new ones.
 
@@ -27,6 +28,7 @@ import onnx_ir as ir
 from .dims import Dim, atoms
 from .errors import UnsupportedGraph
 from .metadata import IO_MAP_KEY
+from .shapeflow.rules.attention import attribute_meanings
 from .structure import TransformerSpec
 
 
@@ -121,6 +123,7 @@ class Resizer:
         if tied:
             self.compensate_tied_head(sorted(tied)[0])
         self.rewrite_literals()
+        self.rewrite_attributes()
         self.rewrite_io()
         return self.spec.model
 
@@ -160,6 +163,12 @@ class Resizer:
             flat[index] = meaning.new_value(self.new_size)
         for name, arr in changed.items():
             set_tensor(g.initializers[name], arr)
+
+    def rewrite_attributes(self):
+        """Node attributes that count heads (Attention's q_num_heads...) are literals too."""
+        for (node, name), meaning in attribute_meanings(self.flow).items():
+            if any(self.touches(d) for d in meaning.dims):
+                node.attributes[name] = ir.AttrInt64(name, int(meaning.new_value(self.new_size)))
 
     def rewrite_io(self):
         g = self.spec.model.graph

@@ -10,7 +10,8 @@ so every pass resizes the same symbols.
 `match` runs the steps in this order, each a function below it:
 
     find_embeddings   the token table (looked up by input ids) and a learned position table
-    find_attentions   Softmax between two activation MatMuls, its Q/K/V/O projections, head geometry
+    find_attentions   Softmax between two activation MatMuls (or an opset-23 Attention node), its
+                      Q/K/V/O projections, head geometry
     find_ffns         the remaining projections, paired through their activation
     find_lm_head      the projection from hidden to the vocabulary, and whether it is tied
     assign_blocks     one attention and the FFN after it make a block, in graph order
@@ -29,10 +30,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from .dims import Dim, atoms, factors, same, unify
+from .dims import Dim, atoms, factors, product_of, same, unify
 from .errors import UnsupportedGraph
 from .normalize import normalize
 from .shapeflow import ShapeFlow, analyse
+from .shapeflow.rules.attention import attribute_meanings
 from .views import CASTS, IDS, PASS_THROUGH, RESHAPES, SHAPE_OF, look_through  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,7 @@ class Norm:
 
 @dataclass
 class Attention:
-    softmax: ir.Node
+    softmax: ir.Node  # the Softmax of the scores, or the opset-23 Attention node that is all of it
     q_proj: ir.Node
     k_proj: ir.Node
     v_proj: ir.Node
@@ -306,34 +308,78 @@ def find_embeddings(g: ir.Graph, flow: ShapeFlow) -> Embeddings:
 
 
 def find_attentions(g: ir.Graph, flow: ShapeFlow) -> tuple[list[Attention], list[tuple[str, ir.Node]]]:
-    """Every Softmax over scores = MatMul(Q, K^T) of two activations, with its projections; and
-    (reason, node) for each such Softmax whose projections were not found."""
+    """Every Softmax over scores = MatMul(Q, K^T) of two activations, and every opset-23 Attention
+    node, with its projections; and (reason, node) for each whose projections were not found."""
     attentions, missing = [], []
     for node in g:
-        if node.op_type != "Softmax":
+        if is_attention_op(node):
+            att, why = attention_op(flow, node)
+            if att is None:
+                missing.append((why, node))
+                continue
+        elif node.op_type == "Softmax":
+            scores = producers_back(node.inputs[0], lambda n: n.op_type == "MatMul")
+            if len(scores) != 1 or not all(is_activation(flow, v) for v in scores[0].inputs):
+                continue
+            qk = scores[0]
+            pv = consumers_forward(node.outputs[0], lambda n: n.op_type == "MatMul")
+            if len(pv) != 1:
+                continue
+            att = attention_projections(flow, node, qk, pv[0])
+            if att is None:
+                missing.append((f"attention at Softmax {node.name!r}: projections not found", node))
+                continue
+            att.kv_heads, att.group, att.head_dim = head_geometry(flow, att, qk)
+        else:
             continue
-        scores = producers_back(node.inputs[0], lambda n: n.op_type == "MatMul")
-        if len(scores) != 1 or not all(is_activation(flow, v) for v in scores[0].inputs):
-            continue
-        qk = scores[0]
-        pv = consumers_forward(node.outputs[0], lambda n: n.op_type == "MatMul")
-        if len(pv) != 1:
-            continue
-        att = attention_projections(flow, node, qk, pv[0])
-        if att is None:
-            missing.append((f"attention at Softmax {node.name!r}: projections not found", node))
-            continue
-        att.kv_heads, att.group, att.head_dim = head_geometry(flow, att, qk)
-        log.debug("attention at Softmax %r: q=%r, k=%r, v=%r, o=%r, fused_qkv=%s, kv_heads=%s, "
-                  "group=%s, head_dim=%s", node.name, att.q_proj.name, att.k_proj.name, att.v_proj.name,
-                  att.o_proj.name, att.fused_qkv, att.kv_heads.size, att.group and att.group.size,
-                  att.head_dim.size)
+        log.debug("attention at %s %r: q=%r, k=%r, v=%r, o=%r, fused_qkv=%s, kv_heads=%s, "
+                  "group=%s, head_dim=%s", node.op_type, node.name, att.q_proj.name, att.k_proj.name,
+                  att.v_proj.name, att.o_proj.name, att.fused_qkv, att.kv_heads.size,
+                  att.group and att.group.size, att.head_dim.size)
         attentions.append(att)
     if not attentions:
+        if any(is_attention_op(n) for n in g):  # name the Attention form, never the generic message
+            raise UnsupportedGraph("; ".join(r for r, _ in missing), missing[0][1])
         raise UnsupportedGraph("no attention found (Softmax between two activation MatMuls)"
                                + (": " + "; ".join(r for r, _ in missing) if missing else ""),
                                missing[0][1] if missing else None)
     return attentions, missing
+
+
+def is_attention_op(node: ir.Node) -> bool:
+    """The standard-domain Attention op (opset 23), which computes a whole attention in one node."""
+    return node.op_type == "Attention" and node.domain in ("", "ai.onnx")
+
+
+def attention_op(flow: ShapeFlow, node: ir.Node) -> tuple[Attention | None, str | None]:
+    """(the attention an opset-23 Attention node computes, None) or (None, why it is not one).
+
+    Q, K and V are the node's inputs 0-2: each projection is found by walking back from one of them
+    (through Reshape, Transpose, RotaryEmbedding and a grouped-query repeat); the output projection
+    by walking forward. The head geometry comes from the Dims the node's dataflow rule gave Q.
+    """
+    why = next((p.reason for p in flow.problems if p.node is node), None)
+    if why is not None:
+        return None, f"{why} ({node.name!r})"
+    is_proj = lambda n: is_projection(flow, n)  # noqa: E731
+    q_proj, k_proj, v_proj = (producers_back(node.inputs[i], is_proj) for i in range(3))
+    o_proj = consumers_forward(node.outputs[0], is_proj)
+    if not (len(q_proj) == len(k_proj) == len(v_proj) == len(o_proj) == 1):
+        return None, f"attention at the opset-23 Attention node {node.name!r}: projections not found"
+    att = Attention(node, q_proj[0], k_proj[0], v_proj[0], o_proj[0], q_proj[0] is k_proj[0])
+    att.kv_heads, att.group, att.head_dim = heads_from(flow, att, *attention_op_query(flow, node))
+    return att, None
+
+
+def attention_op_query(flow: ShapeFlow, node: ir.Node) -> tuple[list[Dim], Dim]:
+    """(the axes that count query heads, head_dim) of an Attention node's Q: [b, heads, s, head_dim]
+    in the 4-D form; in the 3-D form [b, s, heads * head_dim], split as the rule split it."""
+    q = known_shape(flow, node.inputs[0], node, "the query")
+    if len(q) == 4:
+        return q[:-2], q[-1].root()
+    q_heads = attribute_meanings(flow)[(node, "q_num_heads")].dims[0]
+    n = len(factors(q_heads))
+    return [q_heads], product_of(factors(q[-1])[n:])
 
 
 def attention_projections(flow: ShapeFlow, softmax: ir.Node, qk: ir.Node, pv: ir.Node) -> Attention | None:
@@ -464,11 +510,15 @@ def head_geometry(flow: ShapeFlow, att: Attention, qk: ir.Node):
     factors of its head axis that also measure the K projection's output are the kv heads, and
     what is left (created by the repeat of K/V for grouped-query attention) is the group size."""
     qshape = known_shape(flow, qk.inputs[0], qk, "the query")
-    head_dim = qshape[-1].root()
+    return heads_from(flow, att, qshape[:-2], qshape[-1].root())
+
+
+def heads_from(flow: ShapeFlow, att: Attention, head_axes: list[Dim], head_dim: Dim):
+    """(kv_heads, group, head_dim) from the axes of the query that count heads (see head_geometry)."""
     k_weight = weight_of(flow, att.k_proj)[0]
     k_atoms = {id(a) for a in atoms(flow.dims[k_weight][out_axis(flow, att.k_proj)])}
     # a single kv head (multi-query attention) is a real factor of size 1
-    head_factors = [f for d in qshape[:-2] for f in factors(d)
+    head_factors = [f for d in head_axes for f in factors(d)
                     if f.size is not None and (f.size != 1 or id(f.root()) in k_atoms)]
     if not head_factors:
         return Dim(1), None, head_dim  # a single head: its axis has size 1 everywhere
@@ -529,15 +579,16 @@ def positionals(others, tables):
 
 
 def has_rotation(att: Attention) -> bool:
-    """Rotary embeddings rotate half of each head: a Neg on the way from the Q projection to the scores."""
+    """Rotary embeddings rotate half of each head: a Neg on the way from the Q projection to the scores,
+    or an opset-23 RotaryEmbedding node."""
     seen, todo = set(), deque(att.q_proj.outputs)
     while todo:
         v = todo.popleft()
         for n in v.consumers():
-            if id(n) in seen or n.op_type == "MatMul":
+            if id(n) in seen or n.op_type == "MatMul" or is_attention_op(n):
                 continue
             seen.add(id(n))
-            if n.op_type == "Neg":
+            if n.op_type in ("Neg", "RotaryEmbedding"):
                 return True
             todo.extend(n.outputs)
     return False

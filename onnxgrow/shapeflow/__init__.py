@@ -15,7 +15,8 @@ refuses when a problem touches a Dim it is about to resize.
       linear.py        MatMul, Gemm
       shape.py         Shape, Reshape, Expand, Squeeze, Unsqueeze, Transpose, Range...
       slicing.py       Split, Slice, Concat, Gather...
-      norms.py         LayerNormalization
+      norms.py         LayerNormalization, RMSNormalization
+      attention.py     Attention, RotaryEmbedding (opset 23), and node attributes that count heads
 """
 
 from . import rules  # noqa: F401  (registers every rule in RULES)

@@ -11,6 +11,7 @@ from ..core import RULES, attr
 # contrib domain as well
 @RULES.register("LayerNormalization", "SimplifiedLayerNormalization")
 @RULES.register("SimplifiedLayerNormalization", domain=MICROSOFT)
+@RULES.register("RMSNormalization", since=23)  # LayerNormalization without bias; stash_type is a dtype
 def layer_norm(flow, node, ins):
     x = ins[0]
     if x is None:

@@ -1,0 +1,99 @@
+"""Opset-23 attention ops: Attention and RotaryEmbedding (their dataflow rules: shapeflow/rules/attention.py).
+
+Attention computes, per head, softmax(softcap(Q K^T * scale) + bias) V, where the bias holds the
+mask (boolean: where to attend; float: added) and, with is_causal, -inf above the diagonal offset by
+the past's length. Grouped-query attention repeats each key/value head for its group of query heads
+(kv head j serves query heads j*g ... j*g + g-1). The 3-D form splits heads with q_num_heads and
+kv_num_heads first and joins them after. Scores and softmax run in float32 (as Softmax does here).
+
+RotaryEmbedding rotates the first rotary_dim entries of each head by the cos/sin caches (indexed by
+position_ids when given): halves (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos), or even/odd
+entries when interleaved.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..tensors import f32
+from . import OPS
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[b, s, heads * d] -> [b, heads, s, d]."""
+    b, s, width = x.shape
+    return x.reshape(b, s, heads, width // heads).transpose(1, 2)
+
+
+def attention_bias(a, mask, q_len: int, kv_len: int, past_len: int, dtype, device) -> torch.Tensor:
+    """The additive bias of the scores: the mask (padded with 'no' up to kv_len) and the causal part."""
+    bias = torch.zeros(q_len, kv_len, dtype=dtype, device=device)
+    if mask is not None:
+        pad = kv_len - mask.shape[-1]
+        if mask.dtype == torch.bool:
+            mask = torch.nn.functional.pad(mask, (0, pad), value=False) if pad > 0 else mask
+            mask = torch.where(mask, 0.0, -math.inf).to(dtype)
+        else:
+            mask = torch.nn.functional.pad(mask.to(dtype), (0, pad), value=-math.inf) if pad > 0 else mask.to(dtype)
+        bias = bias + mask
+    if a.get("is_causal", 0):
+        i = torch.arange(q_len, device=device)[:, None]
+        j = torch.arange(kv_len, device=device)[None, :]
+        bias = bias + torch.where(j <= i + past_len, 0.0, -math.inf).to(dtype)
+    return bias
+
+
+@OPS.register("Attention", since=23)
+def attention(dev, a, q, k, v, mask=None, past_key=None, past_value=None, *rest):
+    if rest and any(r is not None for r in rest):
+        raise NotImplementedError("Attention with nonpad_kv_seqlen is not implemented in the bridge")
+    three_d = q.dim() == 3
+    if three_d:
+        q, k, v = split_heads(q, a["q_num_heads"]), split_heads(k, a["kv_num_heads"]), split_heads(v, a["kv_num_heads"])
+    dtype = q.dtype
+    past_len = past_key.shape[2] if past_key is not None else 0
+    if past_key is not None:
+        k, v = torch.cat([past_key, k], 2), torch.cat([past_value, v], 2)
+    present_k, present_v = k, v
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scale = a.get("scale") or 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(f32(q), f32(k).transpose(-1, -2)) * scale
+    softcap = a.get("softcap", 0.0)
+    if softcap and softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    bias = attention_bias(a, mask, q.shape[2], k.shape[2], past_len, scores.dtype, scores.device)
+    probs = torch.softmax(scores + bias, -1)
+    probs = torch.where(torch.isneginf(bias.amax(-1, keepdim=True)), 0.0, probs)  # rows with no key: zeros
+    y = torch.matmul(probs, f32(v)).to(dtype)
+    if three_d:
+        y = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], -1)
+    return y if a["_nout"] == 1 else (y, present_k, present_v, scores)[:a["_nout"]]
+
+
+@OPS.register("RotaryEmbedding", since=23)
+def rotary_embedding(dev, a, x, cos, sin, position_ids=None):
+    shape = x.shape
+    if x.dim() == 3:  # [b, s, heads * d] -> [b, heads, s, d]
+        x = split_heads(x, a["num_heads"])
+    if position_ids is not None:
+        cos, sin = cos[position_ids], sin[position_ids]
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # [b, 1, s, rot / 2]: one per head
+    rot = a.get("rotary_embedding_dim", 0) or x.shape[-1]
+    rotate, keep = x[..., :rot], x[..., rot:]
+    if a.get("interleaved", 0):
+        x1, x2 = rotate[..., 0::2], rotate[..., 1::2]
+    else:
+        x1, x2 = rotate.chunk(2, -1)
+    real, imag = x1 * cos - x2 * sin, x1 * sin + x2 * cos
+    if a.get("interleaved", 0):
+        rotated = torch.stack([real, imag], -1).flatten(-2)
+    else:
+        rotated = torch.cat([real, imag], -1)
+    y = torch.cat([rotated, keep], -1)
+    if len(shape) == 3:
+        y = y.transpose(1, 2).reshape(shape)
+    return y
