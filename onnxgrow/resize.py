@@ -28,7 +28,6 @@ import onnx_ir as ir
 from .dims import Dim, atoms
 from .errors import UnsupportedGraph
 from .metadata import IO_MAP_KEY
-from .shapeflow.rules.attention import attribute_meanings
 from .structure import TransformerSpec
 
 
@@ -166,7 +165,7 @@ class Resizer:
 
     def rewrite_attributes(self):
         """Node attributes that count heads (Attention's q_num_heads...) are literals too."""
-        for (node, name), meaning in attribute_meanings(self.flow).items():
+        for (node, name), meaning in self.flow.attribute_meanings.items():
             if any(self.touches(d) for d in meaning.dims):
                 node.attributes[name] = ir.AttrInt64(name, int(meaning.new_value(self.new_size)))
 

@@ -34,7 +34,6 @@ from .dims import Dim, atoms, factors, product_of, same, unify
 from .errors import UnsupportedGraph
 from .normalize import normalize
 from .shapeflow import ShapeFlow, analyse
-from .shapeflow.rules.attention import attribute_meanings
 from .views import CASTS, IDS, PASS_THROUGH, RESHAPES, SHAPE_OF, look_through  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -377,7 +376,7 @@ def attention_op_query(flow: ShapeFlow, node: ir.Node) -> tuple[list[Dim], Dim]:
     q = known_shape(flow, node.inputs[0], node, "the query")
     if len(q) == 4:
         return q[:-2], q[-1].root()
-    q_heads = attribute_meanings(flow)[(node, "q_num_heads")].dims[0]
+    q_heads = flow.attribute_meanings[(node, "q_num_heads")].dims[0]
     n = len(factors(q_heads))
     return [q_heads], product_of(factors(q[-1])[n:])
 

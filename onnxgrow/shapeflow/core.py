@@ -83,6 +83,8 @@ class ShapeFlow:
         self.named: dict[str, Dim] = {}
         self.meanings: dict[tuple[str, int], Meaning] = {}
         self.derived: list[tuple[ir.Node, Meaning]] = []
+        # {(node, attribute name): Meaning}: int attributes that are model sizes (Attention's head counts)
+        self.attribute_meanings: dict[tuple[ir.Node, str], Meaning] = {}
         self.contracted: dict[str, set[int]] = {}  # initializer name -> axes summed over by MatMul/Gemm
         self.problems: list[Problem] = []
         self.run()

@@ -25,11 +25,6 @@ from ...dims import Dim, DimConflict, product_of, same, unify
 from ..core import RULES, Meaning, attr
 
 
-def attribute_meanings(flow) -> dict:
-    """{(node, attribute name): Meaning} of the node attributes that are model sizes."""
-    return vars(flow).setdefault("attribute_meanings", {})
-
-
 def mean_attribute(flow, node, name: str, dim: Dim):
     """Record that the int attribute `name` of `node` is the size of `dim` (where the node has it)."""
     value = attr(node, name)
@@ -37,7 +32,7 @@ def mean_attribute(flow, node, name: str, dim: Dim):
         return
     if dim.size is not None and dim.size != value:
         raise DimConflict(f"attribute {name}={value} does not match {dim}")
-    attribute_meanings(flow)[(node, name)] = Meaning("size", [dim])
+    flow.attribute_meanings[(node, name)] = Meaning("size", [dim])
 
 
 def heads_of(width: Dim, heads: int) -> tuple[Dim, Dim]:
