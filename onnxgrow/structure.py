@@ -96,6 +96,7 @@ class TransformerSpec:
     positional: str
     activation: str
     parallel_residual: bool
+    token_type_embedding: ir.Value | None = None  # BERT's segment table, looked up by token types
 
     def config(self) -> dict:
         """The configuration, in the terms of `onnxgrow inspect --json`."""
@@ -261,7 +262,8 @@ def match(model: ir.Model, flow: ShapeFlow) -> TransformerSpec:
         head_dim=head_dim, vocab=emb.vocab, ffn=ffn_widths, token_embedding=emb.token,
         position_embedding=emb.position, blocks=blocks, final_norm=final_norm, lm_head=lm_head,
         tied_embeddings=tied, norm=norms[0].kind if norms else "none", norm_position=norm_position,
-        positional=positional, activation=activation_of(blocks[0].ffn), parallel_residual=parallel)
+        positional=positional, activation=activation_of(blocks[0].ffn), parallel_residual=parallel,
+        token_type_embedding=emb.token_types)
     assign_roles(spec)
     log.debug("matched %d blocks: hidden %s, heads %s, kv_heads %s, ffn %s, vocab %s, %s %s-norm, "
               "%s positions, %s", len(blocks), emb.hidden.size, heads.size, kv_heads.size,
@@ -276,10 +278,13 @@ class Embeddings:
     position: ir.Value | None
     hidden: Dim
     vocab: Dim
+    token_types: ir.Value | None = None
 
 
 def find_embeddings(g: ir.Graph, flow: ShapeFlow) -> Embeddings:
-    """Gathers of rank-2 float tables: the largest looked up by input ids holds the tokens."""
+    """Gathers of rank-2 float tables, told apart by where their ids come from (lookup_role): the
+    largest looked up by input ids holds the tokens; positions are computed (Range, CumSum, a slice
+    of an arange buffer) or a position-ids input; token types are a constant id or a small input."""
     # a table stored in another dtype may be gathered from a Cast of it
     gathers, tables = [], {}
     for node in g:
@@ -298,11 +303,74 @@ def find_embeddings(g: ir.Graph, flow: ShapeFlow) -> Embeddings:
     hidden = flow.dims[token_table][1].root()
     vocab = flow.dims[token_table][0].root()
     others = [n for n in gathers if n is not token and same(flow.dims[tables[id(n)]][1], hidden)]
-    pos_gathers = positionals(others, tables)
-    position = tables[id(pos_gathers[0])] if pos_gathers else None
-    log.debug("token embedding %r (vocab %s, hidden %s) at Gather %r; position table %r",
-              token_table.name, vocab.size, hidden.size, token.name, position and position.name)
-    return Embeddings(token_table, position, hidden, vocab)
+    roles = {id(n): lookup_role(n, tables[id(n)]) for n in others}
+    position = next((tables[id(n)] for n in others if roles[id(n)] == "positions"), None)
+    types = next((tables[id(n)] for n in others if roles[id(n)] == "token_types"), None)
+    log.debug("token embedding %r (vocab %s, hidden %s) at Gather %r; position table %r; token-type table %r",
+              token_table.name, vocab.size, hidden.size, token.name, position and position.name,
+              types and types.name)
+    return Embeddings(token_table, position, hidden, vocab, types)
+
+
+# Where ids keep their values: the data operand of these ops holds the same ids, resliced or reshaped.
+ID_DATA_OPERAND = frozenset({"Slice", "Expand", "Tile", "Reshape", "Unsqueeze", "Squeeze", "Flatten",
+                             "Transpose", "Cast", "CastLike", "Identity", "Gather"})
+# Ops that count positions: Range(0, seq), and CumSum over a padding mask (OPT).
+POSITION_COUNTERS = frozenset({"Range", "CumSum"})
+TYPE_TABLE_MAX_ROWS = 16  # an input-indexed table this small, with no telling name, holds token types
+
+
+def lookup_role(gather: ir.Node, table: ir.Value) -> str:
+    """"positions" or "token_types": what the ids a (non-token) table is looked up by stand for.
+
+    Dataflow first: ids counted in the graph (Range, CumSum) or sliced from a buffer of several
+    values (BERT's arange position_ids) are positions; ids that are one constant for every token
+    (the zeros BERT uses when no token_type_ids are given) are token types. Ids given as a graph
+    input say nothing by their flow: the input's name decides, and failing that the table's size."""
+    counters, constants, inputs = id_sources(gather.inputs[1])
+    if counters:
+        return "positions"
+    if inputs:
+        name = inputs[0].name.lower()
+        if "position" in name:
+            return "positions"
+        if "token_type" in name or "segment" in name:
+            return "token_types"
+        return "token_types" if table.const_value.shape[0] <= TYPE_TABLE_MAX_ROWS else "positions"
+    if constants and all(np.unique(c).size <= 1 for c in constants):
+        return "token_types"
+    return "positions"
+
+
+def id_sources(ids: ir.Value):
+    """(counting nodes, constant arrays, graph inputs) the values of `ids` come from. The walk follows
+    data operands only: a Slice's bounds or an Expand's shape say how many ids, not which."""
+    counters, constants, inputs = [], [], []
+    seen, todo = set(), [ids]
+    while todo:
+        v = todo.pop()
+        if v is None or id(v) in seen:
+            continue
+        seen.add(id(v))
+        if v.is_graph_input():
+            inputs.append(v)
+            continue
+        if v.const_value is not None:
+            constants.append(v.const_value.numpy())
+            continue
+        node = v.producer()
+        if node is None or node.op_type in SHAPE_OF:
+            continue
+        if node.op_type in POSITION_COUNTERS:
+            counters.append(node)
+        elif node.op_type == "ConstantOfShape":
+            value = node.attributes.get("value")
+            constants.append(value.value.numpy() if value is not None else np.zeros(1))
+        elif node.op_type in ID_DATA_OPERAND:
+            todo.append(node.inputs[0])
+        else:  # arithmetic on ids (an offset, a Where between two id tensors): every operand counts
+            todo.extend(node.inputs)
+    return counters, constants, inputs
 
 
 def find_attentions(g: ir.Graph, flow: ShapeFlow) -> tuple[list[Attention], list[tuple[str, ir.Node]]]:
