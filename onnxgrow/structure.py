@@ -296,7 +296,7 @@ def find_embeddings(g: ir.Graph, flow: ShapeFlow) -> Embeddings:
                 tables[id(node)] = table
     direct = [n for n in gathers if ids_source(n.inputs[1]).is_graph_input()]
     if not direct:
-        raise UnsupportedGraph("no token embedding found (a Gather of a 2-D float table by input ids)")
+        raise no_token_embedding(g, gathers, tables)
     token = max(direct, key=lambda n: tables[id(n)].const_value.shape[0])
     token_table = tables[id(token)]
     tie_copies(g, flow, token_table)
@@ -310,6 +310,26 @@ def find_embeddings(g: ir.Graph, flow: ShapeFlow) -> Embeddings:
               token_table.name, vocab.size, hidden.size, token.name, position and position.name,
               types and types.name)
     return Embeddings(token_table, position, hidden, vocab, types)
+
+
+def no_token_embedding(g: ir.Graph, gathers: list[ir.Node], tables: dict) -> UnsupportedGraph:
+    """The refusal when no table is looked up by input ids, at the node where the lookup should be:
+    a lookup op of another kind that reads input ids (a quantized or fused embedding), else the
+    largest table's Gather (its ids are computed in the graph)."""
+    what = "no token embedding found (a Gather of a 2-D float table by input ids)"
+    for v in g.inputs:
+        if v.dtype not in (ir.DataType.INT64, ir.DataType.INT32):
+            continue
+        lookup = next((n for n in v.consumers() if n not in gathers and ("Gather" in n.op_type or
+                                                                         "Embed" in n.op_type)), None)
+        if lookup is not None:
+            return UnsupportedGraph(f"{what}: input {v.name!r} is looked up by an op onnxgrow does not read "
+                                    "as an embedding", lookup)
+    if gathers:
+        largest = max(gathers, key=lambda n: tables[id(n)].const_value.shape[0])
+        return UnsupportedGraph(f"{what}: the largest table, {tables[id(largest)].name!r}, is looked up by "
+                                "ids computed in the graph, not by an input", largest)
+    return UnsupportedGraph(what)
 
 
 # Where ids keep their values: the data operand of these ops holds the same ids, resliced or reshaped.

@@ -221,3 +221,18 @@ def test_export_weights_names_every_role(zoo, tmp_path, name):
         # each norm has its own name; in the graph as exported they are one merged tensor, equal in value
         assert all(np.array_equal(tensors[k], tensors[norms[0]]) for k in norms)
     assert not [k for k in tensors if k.startswith("other.") and tensors[k].ndim == 2], sorted(tensors)
+
+
+# --- refusals name the node --------------------------------------------------------------------
+
+
+def test_a_graph_whose_ids_are_not_gathered_is_refused_at_the_reader():
+    """An embedding stored as int8 and looked up by a quantized op: the refusal names that op, its
+    domain and its node, not just "no token embedding"."""
+    from onnxgrow.errors import UnsupportedGraph
+    from unit.toy import build
+    proto = build()
+    gather = next(n for n in proto.graph.node if n.op_type == "Gather" and "input_ids" in n.input)
+    gather.op_type, gather.domain, gather.name = "GatherBlockQuantized", "com.microsoft", "embed_q"
+    with pytest.raises(UnsupportedGraph, match="no token embedding.*com.microsoft.*GatherBlockQuantized.*'embed_q'"):
+        load_structure(ir.from_proto(proto))
