@@ -96,7 +96,6 @@ def inline_identity_params(graph: ir.Graph) -> None:
 
 # Ops through which a weight reaches a projection unchanged (a tied head reads Transpose(table)).
 WEIGHT_VIEWS = frozenset({"Transpose", "Cast", "CastLike", "Identity"})
-TABLE_READERS = frozenset({"Gather", "MatMul", "Gemm"})
 
 
 def tied_table_use(node: ir.Node, index: int) -> bool:

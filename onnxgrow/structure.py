@@ -297,7 +297,9 @@ def find_embeddings(g: ir.Graph, flow: ShapeFlow) -> Embeddings:
     direct = [n for n in gathers if ids_source(n.inputs[1]).is_graph_input()]
     if not direct:
         raise no_token_embedding(g, gathers, tables)
-    token = max(direct, key=lambda n: tables[id(n)].const_value.shape[0])
+    # the largest table is the tokens', unless its input is named for positions or token types
+    token = max(direct, key=lambda n: (role_by_name(ids_source(n.inputs[1]).name) is None,
+                                       tables[id(n)].const_value.shape[0]))
     token_table = tables[id(token)]
     tie_copies(g, flow, token_table)
     hidden = flow.dims[token_table][1].root()
@@ -351,15 +353,21 @@ def lookup_role(gather: ir.Node, table: ir.Value) -> str:
     if counters:
         return "positions"
     if inputs:
-        name = inputs[0].name.lower()
-        if "position" in name:
-            return "positions"
-        if "token_type" in name or "segment" in name:
-            return "token_types"
-        return "token_types" if table.const_value.shape[0] <= TYPE_TABLE_MAX_ROWS else "positions"
+        by_size = "token_types" if table.const_value.shape[0] <= TYPE_TABLE_MAX_ROWS else "positions"
+        return role_by_name(inputs[0].name) or by_size
     if constants and all(np.unique(c).size <= 1 for c in constants):
         return "token_types"
     return "positions"
+
+
+def role_by_name(input_name: str) -> str | None:
+    """"positions" or "token_types" when an input's name says so (the tie-breaker), else None."""
+    name = input_name.lower()
+    if "position" in name:
+        return "positions"
+    if "token_type" in name or "segment" in name:
+        return "token_types"
+    return None
 
 
 def id_sources(ids: ir.Value):

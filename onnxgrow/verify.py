@@ -169,8 +169,8 @@ def _classify_int_input(value: ir.Value, rows: int | None, largest: int | None) 
     by_name = _role_by_name(value.name)
     if rows is not None:
         # the largest table looked up is the token embedding, a tiny one the token types; a name that
-        # says otherwise wins (a vocabulary smaller than the position table)
-        if by_name in ("positions", "token_types"):
+        # says which breaks the tie the sizes cannot (a vocabulary smaller than the position table)
+        if by_name in ("tokens", "positions", "token_types"):
             return by_name, rows
         if rows == largest:
             return "tokens", rows

@@ -236,3 +236,40 @@ def test_a_graph_whose_ids_are_not_gathered_is_refused_at_the_reader():
     gather.op_type, gather.domain, gather.name = "GatherBlockQuantized", "com.microsoft", "embed_q"
     with pytest.raises(UnsupportedGraph, match="no token embedding.*com.microsoft.*GatherBlockQuantized.*'embed_q'"):
         load_structure(ir.from_proto(proto))
+
+
+def test_input_roles_come_from_the_graph_and_names_break_ties():
+    """Two int inputs index tables: the larger table is the tokens' unless the other input's name says
+    it holds positions (a vocabulary smaller than the position table). An input the graph turns into
+    a mask (1 - m) is the mask whatever its name."""
+    rng = np.random.default_rng(0)
+    inits = [onnx.numpy_helper.from_array(rng.standard_normal((40, 8)).astype(np.float32), "tokens_table"),
+             onnx.numpy_helper.from_array(rng.standard_normal((64, 8)).astype(np.float32), "positions_table"),
+             onnx.numpy_helper.from_array(np.array(1.0, np.float32), "one")]
+    nodes = [helper.make_node("Gather", ["tokens_table", "input_ids"], ["t"]),
+             helper.make_node("Gather", ["positions_table", "position_ids"], ["p"]),
+             helper.make_node("Add", ["t", "p"], ["x"]),
+             helper.make_node("Cast", ["keep"], ["kf"], to=1),
+             helper.make_node("Sub", ["one", "kf"], ["drop"]),
+             helper.make_node("Unsqueeze", ["drop", "axis"], ["d3"]),
+             helper.make_node("Mul", ["x", "d3"], ["y"])]
+    inits.append(onnx.numpy_helper.from_array(np.array([-1], np.int64), "axis"))
+    ints = [helper.make_tensor_value_info(n, onnx.TensorProto.INT64, ["b", "s"])
+            for n in ("input_ids", "position_ids", "keep")]
+    graph = helper.make_graph(nodes, "roles", ints, [helper.make_tensor_value_info("y", 1, ["b", "s", 8])], inits)
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    kinds = {s.name: s.kind for s in plan_inputs(model).specs}
+    assert kinds == {"input_ids": "tokens", "position_ids": "positions", "keep": "mask"}
+
+
+def test_a_position_ids_input_is_not_taken_for_the_tokens():
+    """Positions given as an input, from a table larger than the vocabulary: the token table is the
+    one input_ids looks up, and the position table keeps its role and its size."""
+    from unit.toy import build
+    proto = build(vocab=8, max_positions=30)
+    lookup = next(n for n in proto.graph.node if n.op_type == "Gather" and n.input[0] == "wpe")
+    lookup.input[1] = "position_ids"
+    proto.graph.input.append(helper.make_tensor_value_info("position_ids", onnx.TensorProto.INT64, ["b", "s"]))
+    spec = load_structure(ir.from_proto(proto))
+    assert spec.token_embedding.name == "wte" and spec.position_embedding.name == "wpe"
+    assert spec.config()["vocab_size"] == 8 and spec.config()["max_positions"] == 30
