@@ -225,7 +225,21 @@ def _opset23():
             Spec("llama-gqa-dynamo23", "llama", "dynamo", 23, dict(GQA))]
 
 
-MODELS = _zoo() + _loud() + _opset23()
+def _roles():
+    """Forms whose parameters or inputs must be told apart by their role in the graph, not by their
+    value or position. Built with the zoo, tested by tests/test_forms_roles.py (not in _zoo()).
+
+    - "fresh": Hugging Face's initial weights, as a user exporting an untrained model gets them: every
+      norm weight is ones and every bias zeros, so the dynamo exporter's optimizer merges them into a
+      few shared initializers.
+    - "no_token_types": a BERT exported with input_ids and attention_mask only; its token-type table
+      (2 rows) is then gathered by constant zeros, like a position table is by computed ids."""
+    return [Spec("gpt2-fresh-dynamo18", "gpt2", "dynamo", 18, dict(TINY, fresh=True)),
+            Spec("llama-gqa-fresh-dynamo18", "llama", "dynamo", 18, dict(GQA, fresh=True)),
+            Spec("bert-notypes-ts17", "bert", "torchscript", 17, dict(TINY, no_token_types=True))]
+
+
+MODELS = _zoo() + _loud() + _opset23() + _roles()
 DEFAULT_SPEC = Spec("tiny-gpt2", "gpt2", "torchscript", 17, dict(DEFAULT))
 
 
@@ -244,7 +258,7 @@ def build_torch_model(spec):
     import torch
     torch.manual_seed(spec.seed)
     model = FAMILIES[spec.family].make(spec.sizes, spec.attention)
-    if spec.family != "minilm":
+    if spec.family != "minilm" and not spec.sizes.get("fresh"):
         randomize_norms_and_biases(model, spec.seed)
     if "final_norm_scale" in spec.sizes:
         scale_final_norm(model, spec.sizes["final_norm_scale"])
@@ -307,7 +321,7 @@ def describe(spec, model):
 def input_names(spec):
     # what the TorchScript and dynamo exports take; Optimum adds position_ids and the past
     # key/values itself (the manifest reads every model's names back from its graph)
-    if FAMILIES[spec.family].arch == "bert":
+    if FAMILIES[spec.family].arch == "bert" and not spec.sizes.get("no_token_types"):
         return ["input_ids", "attention_mask", "token_type_ids"]
     return ["input_ids", "attention_mask"]
 

@@ -2,16 +2,23 @@
 
 - Constant nodes become initializers, so every literal has a name the rewrite can replace.
 - Parameters the exporter deduplicated through Identity nodes get their own initializers again.
+- So do parameters an optimizer merged by value (the dynamo exporter reads one all-ones tensor in
+  every LayerNorm of a fresh model): one copy per structural role, while a truly tied table (the
+  token embedding read by its Gather and by the LM head) stays one tensor.
 - Each use of a small integer constant gets its own copy: exporters share one `[2]` between a
   kv-head count, a group size and an Unsqueeze axis, and those must be free to change separately.
 """
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx_ir as ir
 
 from .shapeflow import SMALL_INT_TENSOR
+
+log = logging.getLogger(__name__)
 
 INT_TYPES = (ir.DataType.INT64, ir.DataType.INT32)
 
@@ -87,8 +94,52 @@ def inline_identity_params(graph: ir.Graph) -> None:
         graph.remove(node, safe=True)
 
 
+# Ops through which a weight reaches a projection unchanged (a tied head reads Transpose(table)).
+WEIGHT_VIEWS = frozenset({"Transpose", "Cast", "CastLike", "Identity"})
+
+
+def tied_table_use(node: ir.Node, index: int) -> bool:
+    """Whether this use reads a 2-D table as an embedding lookup or a projection weight: the uses
+    by which a tied embedding and LM head share one tensor (directly or through a Transpose)."""
+    while node.op_type in WEIGHT_VIEWS:
+        uses = list(node.outputs[0].uses())
+        if len(uses) != 1:
+            return False
+        node, index = uses[0]
+    if node.op_type == "Gather":
+        return index == 0
+    return node.op_type in ("MatMul", "Gemm")
+
+
+def unshare_params(graph: ir.Graph) -> None:
+    """Give every node that reads a float parameter directly its own copy, unless the uses are
+    lookups and projections of one 2-D table (a tied embedding: one parameter in two roles that
+    must stay equal). A merged tensor is a coincidence of values, not a tie: a rewrite that scales
+    the final norm for a tied head must not scale every other norm with it."""
+    for name, value in list(graph.initializers.items()):
+        t = value.const_value
+        if t is None or not t.dtype.is_floating_point() or t.size <= 1 or value.is_graph_input():
+            continue
+        users = list(dict.fromkeys(node for node, _ in value.uses()))  # a node reading it twice: one role
+        if len(users) < 2:
+            continue
+        if len(t.shape) == 2 and all(tied_table_use(node, i) for node, i in value.uses()):
+            continue
+        log.debug("parameter %r is read by %d nodes in different roles: one copy each", name, len(users))
+        for node in users[1:]:
+            own = ir.Value(name=unique_name(graph, name), shape=ir.Shape(t.shape), type=ir.TensorType(t.dtype),
+                           const_value=ir.tensor(t.numpy().copy()))
+            graph.register_initializer(own)
+            # the weight as exported is the shared tensor: export/import-weights map roles back to it
+            graph.meta.setdefault("onnxgrow_aliases", {})[own.name] = name
+            for i, v in enumerate(node.inputs):
+                if v is value:
+                    node.replace_input_with(i, own)
+
+
 def normalize(model: ir.Model) -> ir.Model:
     lift_constants(model.graph)
     inline_identity_params(model.graph)
+    unshare_params(model.graph)
     unshare_small_ints(model.graph)
     return model

@@ -97,6 +97,7 @@ class TransformerSpec:
     positional: str
     activation: str
     parallel_residual: bool
+    token_type_embedding: ir.Value | None = None  # BERT's segment table, looked up by token types
 
     def config(self) -> dict:
         """The configuration, in the terms of `onnxgrow inspect --json`."""
@@ -262,7 +263,8 @@ def match(model: ir.Model, flow: ShapeFlow) -> TransformerSpec:
         head_dim=head_dim, vocab=emb.vocab, ffn=ffn_widths, token_embedding=emb.token,
         position_embedding=emb.position, blocks=blocks, final_norm=final_norm, lm_head=lm_head,
         tied_embeddings=tied, norm=norms[0].kind if norms else "none", norm_position=norm_position,
-        positional=positional, activation=activation_of(blocks[0].ffn), parallel_residual=parallel)
+        positional=positional, activation=activation_of(blocks[0].ffn), parallel_residual=parallel,
+        token_type_embedding=emb.token_types)
     assign_roles(spec)
     log.debug("matched %d blocks: hidden %s, heads %s, kv_heads %s, ffn %s, vocab %s, %s %s-norm, "
               "%s positions, %s", len(blocks), emb.hidden.size, heads.size, kv_heads.size,
@@ -277,10 +279,13 @@ class Embeddings:
     position: ir.Value | None
     hidden: Dim
     vocab: Dim
+    token_types: ir.Value | None = None
 
 
 def find_embeddings(g: ir.Graph, flow: ShapeFlow) -> Embeddings:
-    """Gathers of rank-2 float tables: the largest looked up by input ids holds the tokens."""
+    """Gathers of rank-2 float tables, told apart by where their ids come from (lookup_role): the
+    largest looked up by input ids holds the tokens; positions are computed (Range, CumSum, a slice
+    of an arange buffer) or a position-ids input; token types are a constant id or a small input."""
     # a table stored in another dtype may be gathered from a Cast of it
     gathers, tables = [], {}
     for node in g:
@@ -292,18 +297,109 @@ def find_embeddings(g: ir.Graph, flow: ShapeFlow) -> Embeddings:
                 tables[id(node)] = table
     direct = [n for n in gathers if ids_source(n.inputs[1]).is_graph_input()]
     if not direct:
-        raise UnsupportedGraph("no token embedding found (a Gather of a 2-D float table by input ids)")
-    token = max(direct, key=lambda n: tables[id(n)].const_value.shape[0])
+        raise no_token_embedding(g, gathers, tables)
+    # the largest table is the tokens', unless its input is named for positions or token types
+    token = max(direct, key=lambda n: (role_by_name(ids_source(n.inputs[1]).name) is None,
+                                       tables[id(n)].const_value.shape[0]))
     token_table = tables[id(token)]
     tie_copies(g, flow, token_table)
     hidden = flow.dims[token_table][1].root()
     vocab = flow.dims[token_table][0].root()
     others = [n for n in gathers if n is not token and same(flow.dims[tables[id(n)]][1], hidden)]
-    pos_gathers = positionals(others, tables)
-    position = tables[id(pos_gathers[0])] if pos_gathers else None
-    log.debug("token embedding %r (vocab %s, hidden %s) at Gather %r; position table %r",
-              token_table.name, vocab.size, hidden.size, token.name, position and position.name)
-    return Embeddings(token_table, position, hidden, vocab)
+    roles = {id(n): lookup_role(n, tables[id(n)]) for n in others}
+    position = next((tables[id(n)] for n in others if roles[id(n)] == "positions"), None)
+    types = next((tables[id(n)] for n in others if roles[id(n)] == "token_types"), None)
+    log.debug("token embedding %r (vocab %s, hidden %s) at Gather %r; position table %r; token-type table %r",
+              token_table.name, vocab.size, hidden.size, token.name, position and position.name,
+              types and types.name)
+    return Embeddings(token_table, position, hidden, vocab, types)
+
+
+def no_token_embedding(g: ir.Graph, gathers: list[ir.Node], tables: dict) -> UnsupportedGraph:
+    """The refusal when no table is looked up by input ids, at the node where the lookup should be:
+    a lookup op of another kind that reads input ids (a quantized or fused embedding), else the
+    largest table's Gather (its ids are computed in the graph)."""
+    what = "no token embedding found (a Gather of a 2-D float table by input ids)"
+    for v in g.inputs:
+        if v.dtype not in (ir.DataType.INT64, ir.DataType.INT32):
+            continue
+        lookup = next((n for n in v.consumers() if n not in gathers and ("Gather" in n.op_type or
+                                                                         "Embed" in n.op_type)), None)
+        if lookup is not None:
+            return UnsupportedGraph(f"{what}: input {v.name!r} is looked up by an op onnxgrow does not read "
+                                    "as an embedding", lookup)
+    if gathers:
+        largest = max(gathers, key=lambda n: tables[id(n)].const_value.shape[0])
+        return UnsupportedGraph(f"{what}: the largest table, {tables[id(largest)].name!r}, is looked up by "
+                                "ids computed in the graph, not by an input", largest)
+    return UnsupportedGraph(what)
+
+
+# Where ids keep their values: the data operand of these ops holds the same ids, resliced or reshaped.
+ID_DATA_OPERAND = frozenset({"Slice", "Expand", "Tile", "Reshape", "Unsqueeze", "Squeeze", "Flatten",
+                             "Transpose", "Cast", "CastLike", "Identity", "Gather"})
+# Ops that count positions: Range(0, seq), and CumSum over a padding mask (OPT).
+POSITION_COUNTERS = frozenset({"Range", "CumSum"})
+TYPE_TABLE_MAX_ROWS = 16  # an input-indexed table this small, with no telling name, holds token types
+
+
+def lookup_role(gather: ir.Node, table: ir.Value) -> str:
+    """"positions" or "token_types": what the ids a (non-token) table is looked up by stand for.
+
+    Dataflow first: ids counted in the graph (Range, CumSum) or sliced from a buffer of several
+    values (BERT's arange position_ids) are positions; ids that are one constant for every token
+    (the zeros BERT uses when no token_type_ids are given) are token types. Ids given as a graph
+    input say nothing by their flow: the input's name decides, and failing that the table's size."""
+    counters, constants, inputs = id_sources(gather.inputs[1])
+    if counters:
+        return "positions"
+    if inputs:
+        by_size = "token_types" if table.const_value.shape[0] <= TYPE_TABLE_MAX_ROWS else "positions"
+        return role_by_name(inputs[0].name) or by_size
+    if constants and all(np.unique(c).size <= 1 for c in constants):
+        return "token_types"
+    return "positions"
+
+
+def role_by_name(input_name: str) -> str | None:
+    """"positions" or "token_types" when an input's name says so (the tie-breaker), else None."""
+    name = input_name.lower()
+    if "position" in name:
+        return "positions"
+    if "token_type" in name or "segment" in name:
+        return "token_types"
+    return None
+
+
+def id_sources(ids: ir.Value):
+    """(counting nodes, constant arrays, graph inputs) the values of `ids` come from. The walk follows
+    data operands only: a Slice's bounds or an Expand's shape say how many ids, not which."""
+    counters, constants, inputs = [], [], []
+    seen, todo = set(), [ids]
+    while todo:
+        v = todo.pop()
+        if v is None or id(v) in seen:
+            continue
+        seen.add(id(v))
+        if v.is_graph_input():
+            inputs.append(v)
+            continue
+        if v.const_value is not None:
+            constants.append(v.const_value.numpy())
+            continue
+        node = v.producer()
+        if node is None or node.op_type in SHAPE_OF:
+            continue
+        if node.op_type in POSITION_COUNTERS:
+            counters.append(node)
+        elif node.op_type == "ConstantOfShape":
+            value = node.attributes.get("value")
+            constants.append(value.value.numpy() if value is not None else np.zeros(1))
+        elif node.op_type in ID_DATA_OPERAND:
+            todo.append(node.inputs[0])
+        else:  # arithmetic on ids (an offset, a Where between two id tensors): every operand counts
+            todo.extend(node.inputs)
+    return counters, constants, inputs
 
 
 def find_attentions(g: ir.Graph, flow: ShapeFlow) -> tuple[list[Attention], list[tuple[str, ir.Node]]]:
@@ -568,13 +664,6 @@ def same_values(a: ir.Value, b: ir.Value) -> bool:
     def equal(p, q):  # a few rows first: different tables differ there, and a full pass is costly
         return np.array_equal(p[:4], q[:4]) and np.array_equal(p, q)
     return (x.shape == y.shape and equal(x, y)) or (x.shape == y.T.shape and equal(x.T, y))
-
-
-def positionals(others, tables):
-    """Learned position tables: looked up by ids computed in the graph (Range, CumSum), or by a
-    position-ids input; token-type tables are tiny (BERT's has 2 rows)."""
-    return [n for n in others if not ids_source(n.inputs[1]).is_graph_input() or
-            tables[id(n)].const_value.shape[0] > 16]
 
 
 def has_rotation(att: Attention) -> bool:

@@ -160,25 +160,44 @@ def plan_inputs(model: ir.Model) -> InputPlan:
     return InputPlan(specs, batch_dim, seq_dim, past_dims)
 
 
+# What a padding mask goes through on its way to the attention scores: 1 - m, m * -inf, where(m, ...).
+MASK_ARITHMETIC = frozenset({"Sub", "Mul", "Where", "Equal", "Not", "Less", "Greater", "And", "Or", "Xor"})
+
+
 def _classify_int_input(value: ir.Value, rows: int | None, largest: int | None) -> tuple[str, int | None]:
+    """An int input's role, read from what the graph does with it; its name breaks the ties."""
+    by_name = _role_by_name(value.name)
     if rows is not None:
+        # the largest table looked up is the token embedding, a tiny one the token types; a name that
+        # says which breaks the tie the sizes cannot (a vocabulary smaller than the position table)
+        if by_name in ("tokens", "positions", "token_types"):
+            return by_name, rows
         if rows == largest:
             return "tokens", rows
         if rows <= TYPE_TABLE_MAX_ROWS:
             return "token_types", rows
         return "positions", rows
+    uses = {node.op_type for node, _ in _forward_uses(value)}
     # Rotary embeddings multiply positions by the inverse frequencies (Cast, Unsqueeze, MatMul);
     # a mask is turned into a bias with Sub/Mul/Where, never into a matmul operand.
-    if any(node.op_type in ("MatMul", "Einsum") for node, _ in _forward_uses(value)):
+    if uses & {"MatMul", "Einsum"}:
         return "positions", None
-    name = value.name.lower()  # the graph gave no clue: names are the last resort
+    if uses & MASK_ARITHMETIC and by_name in (None, "mask"):
+        return "mask", None
+    return by_name or "mask", None  # the graph gave no clue: names are the last resort
+
+
+def _role_by_name(name: str) -> str | None:
+    name = name.lower()
     if "position" in name:
-        return "positions", None
+        return "positions"
     if "token_type" in name or "segment" in name:
-        return "token_types", None
-    if "mask" not in name and "ids" in name:
-        return "tokens", None
-    return "mask", None
+        return "token_types"
+    if "mask" in name:
+        return "mask"
+    if "ids" in name:
+        return "tokens"
+    return None
 
 
 def _forward_uses(value: ir.Value):

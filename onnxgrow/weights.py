@@ -7,6 +7,7 @@
 Tensor names come from the TransformerSpec, not from initializer names:
 
     embed.tokens [vocab, hidden]         embed.positions [positions, hidden]
+    embed.token_types [types, hidden]    (BERT's segment table)
     layers.{i}.attn.q / .k / .v / .o     (.qkv when the export fuses them)
     layers.{i}.ffn.up / .gate / .down    each with a .bias variant when the projection has one
     layers.{i}.norm{j}.weight / .bias    the block's norms, in the order the analysis found them
@@ -69,6 +70,8 @@ def roles_of(spec: TransformerSpec, float_names) -> dict[str, tuple[str, bool]]:
     roles: dict[str, tuple[str, bool]] = {"embed.tokens": (spec.token_embedding.name, False)}
     if spec.position_embedding is not None:
         roles["embed.positions"] = (spec.position_embedding.name, False)
+    if spec.token_type_embedding is not None:
+        roles["embed.token_types"] = (spec.token_type_embedding.name, False)
     for i, block in enumerate(spec.blocks):
         att = block.attention
         if att.fused_qkv:
