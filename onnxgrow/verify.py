@@ -188,16 +188,13 @@ def _classify_int_input(value: ir.Value, rows: int | None, largest: int | None) 
 
 
 def _role_by_name(name: str) -> str | None:
+    """The matcher's tie-breaker (positions, token types), plus the two roles only inputs have."""
+    from .structure import role_by_name
+    role = role_by_name(name)
+    if role is not None:
+        return role
     name = name.lower()
-    if "position" in name:
-        return "positions"
-    if "token_type" in name or "segment" in name:
-        return "token_types"
-    if "mask" in name:
-        return "mask"
-    if "ids" in name:
-        return "tokens"
-    return None
+    return "mask" if "mask" in name else "tokens" if "ids" in name else None
 
 
 def _forward_uses(value: ir.Value):
