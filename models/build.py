@@ -239,7 +239,22 @@ def _roles():
             Spec("bert-notypes-ts17", "bert", "torchscript", 17, dict(TINY, no_token_types=True))]
 
 
-MODELS = _zoo() + _loud() + _opset23() + _roles()
+STATIC_SEQ = 8  # as a user's torch.onnx.export(model, (ids,)) of a short example sentence
+
+
+def _static():
+    """torch.onnx.export(model, (ids,)) with no other argument: torch 2.13's default, the dynamo
+    exporter at opset 20 with every shape static (batch x 8 tokens), input_ids the only input, the
+    position and token-type lookups folded into constants. Batch 1 and batch 2, because a static
+    batch of 1 and one of 2 are told apart from the model's dimensions differently (a 1 multiplies
+    nothing; a 2 is as big as a head count). Named by tests/test_forms_static.py (not in _zoo())."""
+    specs = []
+    for family, prefix, sizes in [("gpt2", "gpt2", TINY), ("llama", "llama-gqa", GQA), ("bert", "bert", TINY)]:
+        specs += [Spec(f"{prefix}-static-b{b}", family, "static", 20, dict(sizes, static_batch=b)) for b in (1, 2)]
+    return specs
+
+
+MODELS = _zoo() + _loud() + _opset23() + _roles() + _static()
 DEFAULT_SPEC = Spec("tiny-gpt2", "gpt2", "torchscript", 17, dict(DEFAULT))
 
 
@@ -321,6 +336,8 @@ def describe(spec, model):
 def input_names(spec):
     # what the TorchScript and dynamo exports take; Optimum adds position_ids and the past
     # key/values itself (the manifest reads every model's names back from its graph)
+    if spec.exporter == "static":
+        return ["input_ids"]
     if FAMILIES[spec.family].arch == "bert" and not spec.sizes.get("no_token_types"):
         return ["input_ids", "attention_mask", "token_type_ids"]
     return ["input_ids", "attention_mask"]
@@ -340,6 +357,8 @@ def example_inputs(spec, vocab, batch, seq, seed=0):
     inputs["attention_mask"][-1, -2:] = 0
     if "token_type_ids" in input_names(spec):
         inputs["token_type_ids"] = torch.randint(0, 2, (batch, seq), generator=g)
+    if "attention_mask" not in input_names(spec):
+        del inputs["attention_mask"]
     return inputs
 
 # -----------------------------------------------------------------------------
@@ -455,7 +474,16 @@ def export_optimum(spec, model, path):
             shutil.move(f"{tmp}/onnx/model.onnx_data", f"{path}_data")
 
 
-EXPORTERS = {"torchscript": export_torchscript, "dynamo": export_dynamo, "optimum": export_optimum}
+def export_static(spec, model, path):
+    # exactly what a user writes; only the cache is switched off (a DynamicCache output cannot be exported)
+    import torch
+    model.config.use_cache = False
+    ids = example_inputs(spec, model.config.vocab_size, batch=spec.sizes["static_batch"], seq=STATIC_SEQ)
+    torch.onnx.export(model, (ids["input_ids"],), str(path))
+
+
+EXPORTERS = {"torchscript": export_torchscript, "dynamo": export_dynamo, "optimum": export_optimum,
+             "static": export_static}
 
 
 def as_single_file(path):
@@ -627,7 +655,8 @@ def verify(spec, path, atol=1e-4):
     vocab = model.config.vocab_size
     with torch.no_grad():
         if not spec.kv_cache:
-            inputs = example_inputs(spec, vocab, batch=2, seq=7, seed=1)
+            batch, seq = (spec.sizes["static_batch"], STATIC_SEQ) if spec.exporter == "static" else (2, 7)
+            inputs = example_inputs(spec, vocab, batch=batch, seq=seq, seed=1)
             expected = model(**inputs, use_cache=False, return_dict=False)[0] \
                 if FAMILIES[spec.family].task == "text-generation" else model(**inputs, return_dict=False)[0]
             compare(expected, run(inputs)[outputs[0]], outputs[0])

@@ -210,7 +210,7 @@ def deepen_ir(model, layers=None, *, factor=None, method="identity", at=None, no
 # --- subclone, validate, train ----------------------------------------------------------------------------
 
 
-def subclone(model, calib=None, *, tokenizer=None, use_bytes: bool = False, samples: int = 64, seq: int = 64,
+def subclone(model, calib=None, *, tokenizer=None, use_bytes: bool = False, samples: int = 64, seq: int | None = None,
              allow_random_calib: bool = False, hidden: int | None = None, heads: int | None = None,
              kv_heads: int | None = None, ffn: int | None = None, layers: int | None = None,
              keep_layers: list[int] | None = None, rescale: str = "norm", provider: str = "auto",
@@ -221,7 +221,8 @@ def subclone(model, calib=None, *, tokenizer=None, use_bytes: bool = False, samp
         model: the larger source: a path, an onnx.ModelProto or an onnx_ir.Model.
         calib: calibration data: a 1-D array of token ids, or a path to text (with `tokenizer`, or
             `use_bytes`) or to a .npy of ids. None ranks on random ids, only with allow_random_calib.
-        samples, seq: calibration windows and tokens per window (90% rank, 10% are held out).
+        samples, seq: calibration windows and tokens per window (90% rank, 10% are held out); seq
+            defaults to 64, or to the sequence length a static-shape export fixes.
         hidden, heads, kv_heads, ffn: target sizes (heads follow hidden unless given).
         layers, keep_layers: target number of blocks, or exactly which blocks to keep.
         rescale: "norm" (match norm statistics), "sqrt" (the paper's sqrt(D/d)) or "none".

@@ -17,6 +17,7 @@ from rich.progress import Progress
 
 from .errors import OnnxgrowError
 from .modelio import as_ir
+from .static_shapes import batches, fixed_token_shape
 from .verify import open_session, plan_inputs, run_model
 
 
@@ -71,10 +72,9 @@ def mean_abs(model: ir.Model, probes: dict[str, ir.Value], ids: np.ndarray, batc
         session = open_session(path, provider)
         with Progress(transient=True) as progress:
             task = progress.add_task(label, total=len(ids))
-            for start in range(0, len(ids), batch):
-                chunk = ids[start:start + batch]
+            for chunk, real in batches(ids, batch, fixed_token_shape(plan)[0]):
                 outputs = run_model(session, feeds_for(plan, chunk), provider)
-                named = {key: outputs[name].astype(np.float64) for key, name in exposed}
+                named = {key: real_rows(outputs[name], len(chunk), real).astype(np.float64) for key, name in exposed}
                 for key, x in named.items():
                     flat = x.reshape(-1, x.shape[-1])
                     sums[key] = sums.get(key, 0) + np.abs(flat).sum(axis=0)
@@ -84,7 +84,7 @@ def mean_abs(model: ir.Model, probes: dict[str, ir.Value], ids: np.ndarray, batc
                     change = np.linalg.norm(b - a, axis=-1) / (np.linalg.norm(a, axis=-1) + 1e-9)
                     key = f"{before}->{after}"
                     sums[key] = sums.get(key, 0) + change.sum()
-                progress.advance(task, len(chunk))
+                progress.advance(task, real)
     tokens = ids.size
     stats = {key: total / tokens for key, total in sums.items()}
     stats.update({f"{key}^2": total / tokens for key, total in squares.items()})
@@ -121,4 +121,16 @@ def run_outputs(path: os.PathLike, ids: np.ndarray, batch: int = 8, provider: st
     import onnx_ir as _ir
     plan = plan_inputs(_ir.load(path))
     session = open_session(path, provider)
-    return [run_model(session, feeds_for(plan, ids[s:s + batch]), provider) for s in range(0, len(ids), batch)]
+    runs = []
+    for chunk, real in batches(ids, batch, fixed_token_shape(plan)[0]):
+        outputs = run_model(session, feeds_for(plan, chunk), provider)
+        runs.append({name: real_rows(x, len(chunk), real) for name, x in outputs.items()})
+    return runs
+
+
+def real_rows(x: np.ndarray, fed: int, real: int) -> np.ndarray:
+    """The part of an output that belongs to the first `real` of `fed` windows; its first axis is the
+    batch, or the batch times the tokens (an activation a static-shape export flattened)."""
+    if real == fed or x.ndim == 0 or x.shape[0] % fed:
+        return x
+    return x[:real * (x.shape[0] // fed)]

@@ -250,7 +250,8 @@ def subclone(model: Path = typer.Argument(..., help="source ONNX model (the larg
              tokenizer: Optional[Path] = typer.Option(None, help="tokenizer.json for a text --calib"),
              use_bytes: bool = typer.Option(False, "--bytes", help="read --calib as bytes (id = byte)"),
              samples: int = typer.Option(64, help="calibration windows"),
-             seq: int = typer.Option(64, help="tokens per window"),
+             seq: Optional[int] = typer.Option(None, help="tokens per window (default 64, or the model's static "
+                                                          "sequence length)"),
              allow_random_calib: bool = typer.Option(False, help="calibrate on random ids when no data is given"),
              rescale: str = typer.Option("norm", help="norm (match norm statistics) | sqrt (paper's sqrt(D/d)) | none"),
              provider: str = typer.Option("auto", help=PROVIDER_HELP),
@@ -311,8 +312,9 @@ def train(model: Path = typer.Argument(..., help="ONNX model to continue trainin
           tokenizer: Optional[Path] = typer.Option(None, help="tokenizer.json"),
           use_bytes: bool = typer.Option(False, "--bytes", help="token id = byte value"),
           steps: int = typer.Option(..., help="optimizer steps"),
-          batch: int = typer.Option(8),
-          seq: int = typer.Option(128),
+          batch: Optional[int] = typer.Option(None, help="windows per step (default 8, or the model's static batch)"),
+          seq: Optional[int] = typer.Option(None, help="tokens per window (default 128, or the model's static "
+                                                       "sequence length)"),
           lr: float = typer.Option(3e-4),
           device: str = typer.Option("auto", help="auto | cuda | cpu"),
           distill_from: Optional[Path] = typer.Option(None, help="source ONNX model whose predictions to match"),

@@ -151,6 +151,11 @@ def take(seq: list[Dim], pos: int, size: int, reverse: bool = False) -> tuple[li
         if pos >= len(seq):
             raise DimConflict(f"no factors left for {size}")
         f = seq[pos].root()
+        if f.size == 1 and f.kind is None:
+            # A unit axis (a static batch of 1, an unsqueezed axis) multiplies nothing: left out, so
+            # that it is not glued to the model dimension that follows it.
+            pos += 1
+            continue
         if f.size is None:
             raise DimConflict(f"literal {size} meets dynamic {f}")
         need = size // prod

@@ -98,6 +98,13 @@ class TransformerSpec:
     activation: str
     parallel_residual: bool
     token_type_embedding: ir.Value | None = None  # BERT's segment table, looked up by token types
+    token_ids: ir.Value | None = None  # the graph input of token ids
+
+    def static_shape(self) -> tuple[int | None, int | None]:
+        """(batch, sequence) where the token ids' axes have a fixed size (a static-shape export), else None."""
+        dims = list(self.token_ids.shape) if self.token_ids is not None and self.token_ids.shape else []
+        fixed = [d if isinstance(d, int) else None for d in dims]
+        return (fixed + [None, None])[0], (fixed + [None, None])[1]
 
     def config(self) -> dict:
         """The configuration, in the terms of `onnxgrow inspect --json`."""
@@ -110,7 +117,8 @@ class TransformerSpec:
             "head_dim": self.head_dim.size,
             "ffn_size": self.ffn[0].size if self.ffn else None,
             "vocab_size": self.vocab.size,
-            "max_positions": self.position_embedding.const_value.shape[0] if self.position_embedding else None,
+            # a table's rows; a folded lookup's (static-shape export) are the positions it holds
+            "max_positions": self.position_embedding.const_value.shape[-2] if self.position_embedding else None,
             "norm": self.norm,
             "norm_position": self.norm_position,
             "positional": self.positional,
@@ -119,6 +127,8 @@ class TransformerSpec:
             "parallel_residual": self.parallel_residual,
             "num_parameters": count_parameters(self),
             "opset": g.opset_imports.get("", None),
+            "static_batch": self.static_shape()[0],
+            "static_sequence": self.static_shape()[1],
         }
 
 
@@ -264,7 +274,7 @@ def match(model: ir.Model, flow: ShapeFlow) -> TransformerSpec:
         position_embedding=emb.position, blocks=blocks, final_norm=final_norm, lm_head=lm_head,
         tied_embeddings=tied, norm=norms[0].kind if norms else "none", norm_position=norm_position,
         positional=positional, activation=activation_of(blocks[0].ffn), parallel_residual=parallel,
-        token_type_embedding=emb.token_types)
+        token_type_embedding=emb.token_types, token_ids=emb.ids)
     assign_roles(spec)
     log.debug("matched %d blocks: hidden %s, heads %s, kv_heads %s, ffn %s, vocab %s, %s %s-norm, "
               "%s positions, %s", len(blocks), emb.hidden.size, heads.size, kv_heads.size,
@@ -280,6 +290,7 @@ class Embeddings:
     hidden: Dim
     vocab: Dim
     token_types: ir.Value | None = None
+    ids: ir.Value | None = None  # the graph input holding the token ids
 
 
 def find_embeddings(g: ir.Graph, flow: ShapeFlow) -> Embeddings:
@@ -309,10 +320,34 @@ def find_embeddings(g: ir.Graph, flow: ShapeFlow) -> Embeddings:
     roles = {id(n): lookup_role(n, tables[id(n)]) for n in others}
     position = next((tables[id(n)] for n in others if roles[id(n)] == "positions"), None)
     types = next((tables[id(n)] for n in others if roles[id(n)] == "token_types"), None)
+    if position is None and types is None:
+        position, types = folded_lookups(flow, token, hidden)
     log.debug("token embedding %r (vocab %s, hidden %s) at Gather %r; position table %r; token-type table %r",
               token_table.name, vocab.size, hidden.size, token.name, position and position.name,
               types and types.name)
-    return Embeddings(token_table, position, hidden, vocab, types)
+    return Embeddings(token_table, position, hidden, vocab, types, ids_source(token.inputs[1]))
+
+
+def folded_lookups(flow: ShapeFlow, token: ir.Node, hidden: Dim) -> tuple[ir.Value | None, ir.Value | None]:
+    """(positions, token types) of a static-shape export, where the exporter folded each lookup into a
+    constant [..., seq, hidden] added to the token embeddings: a constant whose rows differ holds the
+    positions, one whose rows are all equal the (single) token type."""
+    seq = {id(d) for d in flow.token_axes()}
+    position = types = None
+    value = token.outputs[0]
+    while len(value.consumers()) == 1 and value.consumers()[0].op_type == "Add":
+        add = value.consumers()[0]
+        other = next((v for v in add.inputs if v is not value), None)
+        dims = flow.dims.get(other) if other is not None else None
+        if other is not None and other.const_value is not None and dims and len(dims) >= 2 \
+                and same(dims[-1], hidden) and id(dims[-2].root()) in seq:
+            rows = other.const_value.numpy().reshape(-1, hidden.size)
+            if np.all(rows == rows[:1]):
+                types = types or other
+            else:
+                position = position or other
+        value = add.outputs[0]
+    return position, types
 
 
 def no_token_embedding(g: ir.Graph, gathers: list[ir.Node], tables: dict) -> UnsupportedGraph:
@@ -612,9 +647,11 @@ def heads_from(flow: ShapeFlow, att: Attention, head_axes: list[Dim], head_dim: 
     """(kv_heads, group, head_dim) from the axes of the query that count heads (see head_geometry)."""
     k_weight = weight_of(flow, att.k_proj)[0]
     k_atoms = {id(a) for a in atoms(flow.dims[k_weight][out_axis(flow, att.k_proj)])}
-    # a single kv head (multi-query attention) is a real factor of size 1
+    # a single kv head (multi-query attention) is a real factor of size 1; a static batch is no head
+    token_axes = {id(d) for d in flow.token_axes()}
     head_factors = [f for d in head_axes for f in factors(d)
-                    if f.size is not None and (f.size != 1 or id(f.root()) in k_atoms)]
+                    if f.size is not None and (f.size != 1 or id(f.root()) in k_atoms)
+                    and id(f.root()) not in token_axes]
     if not head_factors:
         return Dim(1), None, head_dim  # a single head: its axis has size 1 everywhere
     kv_part = [f for f in head_factors if id(f.root()) in k_atoms]

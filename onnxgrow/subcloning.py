@@ -18,6 +18,7 @@ import onnx_ir as ir
 
 from .blocks import block_graphs, record_io_names, remove_blocks
 from .calibrate import mean_abs, windows
+from .static_shapes import fit
 from .dims import atoms
 from .errors import OnnxgrowError
 from .metadata import append_history
@@ -58,15 +59,19 @@ def target_sizes(spec: TransformerSpec, hidden=None, heads=None, kv_heads=None, 
     return sizes
 
 
+DEFAULT_SEQ = 64  # tokens per calibration window
+
 # --- calibration data -------------------------------------------------------------------------------------
 
 
 def calibration_windows(spec: TransformerSpec, calib=None, tokenizer=None, use_bytes: bool = False,
-                        samples: int = 64, seq: int = 64, allow_random: bool = False):
+                        samples: int = 64, seq: int | None = None, allow_random: bool = False):
     """(ranking windows, held-out windows) of token ids: the first 90% of the data ranks, the rest
     measures fidelity. `calib`: a 1-D array of ids, a path (text, bytes or .npy), or None for random
-    ids (only with allow_random)."""
+    ids (only with allow_random). `seq` (default 64) must fit a static-shape export (static_shapes.fit)."""
     from .tokens import load_tokens
+    fixed_seq = spec.static_shape()[1]
+    seq = fit("--seq", seq, fixed_seq, DEFAULT_SEQ)
     if calib is None:
         if not allow_random:
             raise OnnxgrowError("subclone ranks neurons on calibration data: give --calib "
@@ -82,11 +87,13 @@ def calibration_windows(spec: TransformerSpec, calib=None, tokenizer=None, use_b
         raise OnnxgrowError(f"calibration ids reach {tokens.max()}, beyond the vocabulary of {spec.vocab.size}")
     split = int(len(tokens) * 0.9)
     ids = windows(tokens[:split], seq, samples)
-    held_out = windows(tokens[split:], min(seq, max(len(tokens) - split, 1)), max(samples // 4, 1))
+    # short held-out data gets shorter windows, where the model's sequence is not fixed
+    held_seq = seq if fixed_seq else min(seq, max(len(tokens) - split, 1))
+    held_out = windows(tokens[split:], held_seq, max(samples // 4, 1))
     return ids, held_out
 
 
-def subclone_model(model: ir.Model, calib=None, *, tokenizer=None, use_bytes=False, samples=64, seq=64,
+def subclone_model(model: ir.Model, calib=None, *, tokenizer=None, use_bytes=False, samples=64, seq=None,
                    allow_random_calib=False, spec: TransformerSpec | None = None, **options) -> SubcloneResult:
     """Subclone `model` in place on calibration data (see calibration_windows); `options` as for
     subclone_ir. The result carries the held-out windows."""

@@ -49,6 +49,7 @@ import torch
 from . import api, bridge, metadata, modelio, precision
 from .errors import NOT_PRESERVED, OnnxgrowError
 from .language_model import LanguageModel, choose_objective, loss_terms, make_batch, mask_token, windows
+from .static_shapes import fit
 from .tokens import load_tokens
 
 # names that lived here before language_model.py and tokens.py: callers may still import them from here
@@ -58,6 +59,7 @@ from .tokens import open_tokenizer  # noqa: F401, E402
 log = logging.getLogger(__name__)
 
 SCHEDULE = "linear warmup (5% of steps, at most 100) then cosine decay to lr/10"
+DEFAULT_BATCH, DEFAULT_SEQ = 8, 128
 MAX_VAL_WINDOWS = 64  # validation windows per evaluation: enough for a stable mean, cheap to run
 
 
@@ -92,7 +94,7 @@ class Trainer:
     def __init__(self, student: LanguageModel, train_tokens: np.ndarray, val_tokens: np.ndarray, *,
                  objective: str, steps: int, batch: int, seq: int, lr: float, mask_id: int,
                  device=torch.device("cpu"), teacher: LanguageModel | None = None, alpha: float = 0.5,
-                 seed: int = 0, model_path=None):
+                 seed: int = 0, model_path=None, fixed_batch: bool = False):
         self.student, self.teacher, self.alpha = student, teacher, alpha
         self.objective, self.mask_id, self.device = objective, mask_id, device
         self.steps, self.batch, self.seq, self.lr = steps, batch, seq, lr  # steps: the schedule's length
@@ -100,9 +102,10 @@ class Trainer:
         self.train_tokens, self.val_tokens = train_tokens, val_tokens
         self.model_path = model_path  # recorded in checkpoints and named in their errors
         # validation: fixed windows (spread over the held-out tokens) and fixed MLM masks
-        n_windows = len(val_tokens) // self.window
-        self.val_starts = np.linspace(0, len(val_tokens) - self.window,
-                                      min(n_windows, MAX_VAL_WINDOWS)).astype(np.int64)
+        n_windows = min(len(val_tokens) // self.window, MAX_VAL_WINDOWS)
+        if fixed_batch and n_windows:  # a static-shape export takes whole batches only
+            n_windows = max(batch, n_windows // batch * batch)
+        self.val_starts = np.linspace(0, len(val_tokens) - self.window, n_windows).astype(np.int64)
         trainable = [p for p in student.module.parameters() if p.requires_grad]
         self.precision = precision.choose(trainable, device)
         self.master = precision.MasterWeights(trainable)  # float32 copies of half-precision weights
@@ -123,6 +126,9 @@ class Trainer:
         """A Trainer for model `m` on the tokens of `data_path` (text or .npy), the last `val_fraction`
         held out; `distill_from` is the path of a teacher model."""
         spec = api.structure(m)
+        fixed_batch, fixed_seq = spec.static_shape()
+        batch = fit("--batch", batch, fixed_batch, DEFAULT_BATCH)
+        seq = fit("--seq", seq, fixed_seq, DEFAULT_SEQ)
         student = LanguageModel.build(m, spec, device)
         if objective == "auto":
             objective = choose_objective(spec, m, student.plan)
@@ -136,7 +142,7 @@ class Trainer:
         teacher = load_teacher(distill_from, student.vocab, device) if distill_from is not None else None
         return cls(student, train_tokens, val_tokens, objective=objective, steps=steps, batch=batch, seq=seq,
                    lr=lr, mask_id=mask_id, device=device, teacher=teacher, alpha=alpha, seed=seed,
-                   model_path=model_path)
+                   model_path=model_path, fixed_batch=fixed_batch is not None)
 
     def loss(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy on the labelled positions, mixed with KL to the teacher when there is one."""
@@ -339,7 +345,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def check_options(steps, batch, seq, lr, alpha, val_fraction, objective, log_every, checkpoint_every):
-    if steps < 1 or batch < 1 or seq < 2:
+    if steps < 1 or (batch is not None and batch < 1) or (seq is not None and seq < 2):
         raise OnnxgrowError("steps and batch must be at least 1, seq at least 2")
     if not lr > 0:
         raise OnnxgrowError(f"lr must be positive, got {lr}")
@@ -356,11 +362,12 @@ def check_options(steps, batch, seq, lr, alpha, val_fraction, objective, log_eve
 # --- training -----------------------------------------------------------------------------------------
 
 
-def train(model_path, data_path, *, tokenizer=None, use_bytes=False, steps, batch=8, seq=128, lr=3e-4,
+def train(model_path, data_path, *, tokenizer=None, use_bytes=False, steps, batch=None, seq=None, lr=3e-4,
           device="auto", distill_from=None, alpha=0.5, output=None, resume=False, objective="auto",
           val_fraction=0.1, seed=0, log_every=10, checkpoint_every=100, force=False, console=None) -> dict:
     """Train the model at `model_path` on `data_path` and write it back to ONNX; returns a summary.
 
+    batch and seq default to 8 and 128, or to what a static-shape export fixes (static_shapes.fit).
     checkpoint_every=0 checkpoints only at the end. `console` (a rich Console) takes the progress
     display and the log lines; by default they go to stderr.
     """

@@ -22,6 +22,7 @@ is right.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ from .metadata import IO_MAP_KEY, IO_NAMES_KEY
 # importable from validate for the callers that know them from there.
 from .runtime import one_line, open_session, resolve_providers, run_model  # noqa: F401
 from .views import CASTS, IDS_FORWARD, look_through
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SHAPES = ((1, 5), (2, 9), (3, 16))
 
@@ -654,7 +657,7 @@ def validate(source: Path, target: Path, *, provider: str = "auto", inputs: Path
     elif text is not None:
         cases = [_text_inputs(text, Path(tokenizer), plan, past_length, seed)]
     else:
-        cases = [plan.make(batch, seq, past_length, seed) for batch, seq in shapes]
+        cases = distinct_shapes([plan.make(batch, seq, past_length, seed) for batch, seq in shapes])
 
     # bfloat16 graphs that ONNX Runtime cannot run on this provider run in the torch bridge (the report says so)
     source_session = open_session(source, provider, bridge_fallback=True)
@@ -682,6 +685,20 @@ def validate(source: Path, target: Path, *, provider: str = "auto", inputs: Path
     shapes_fed = [{name: list(array.shape) for name, array in feeds.items()} for feeds in cases]
     return Report(str(source), str(target), source_session.onnxgrow_provider, shapes_fed,
                   past_length if plan.past_dims and inputs is None else None, note, list(checks.values()))
+
+
+def distinct_shapes(cases: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """One case per set of input shapes: a static-shape export makes every requested shape its own."""
+    seen, kept = set(), []
+    for feeds in cases:
+        key = tuple((name, a.shape) for name, a in sorted(feeds.items()))
+        if key not in seen:
+            seen.add(key)
+            kept.append(feeds)
+    if len(kept) < len(cases):
+        log.warning("the inputs have static shapes: compared at %s only",
+                    ", ".join(f"{n} {'x'.join(map(str, a.shape))}" for n, a in kept[0].items()))
+    return kept
 
 
 def read_io_names(model: ir.Model, path: Path) -> dict:

@@ -145,6 +145,12 @@ class ShapeFlow:
         # recorded as a soft problem: harmless unless the Dim is resized later
         self.problems.append(Problem(node, reason, [dim]))
 
+    def token_axes(self) -> list[Dim]:
+        """The root Dims of the integer graph inputs' axes (ids, masks, positions: batch and sequence).
+        In a static-shape export they have sizes like any model dimension; they are never one."""
+        return [d.root() for v in self.graph.inputs if v.dtype in (ir.DataType.INT64, ir.DataType.INT32)
+                for d in (self.dims.get(v) or [])]
+
     # --- reading inputs -------------------------------------------------------------------------
     def shape(self, v: ir.Value | None) -> list[Dim] | None:
         return None if v is None else self.dims.get(v)

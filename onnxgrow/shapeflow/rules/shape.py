@@ -87,7 +87,10 @@ def consume(flow, seq, pos, e: Elem, node, reverse=False):
         return e.dim.root(), pos
     if e.value is None:
         raise DimConflict("reshape element unknown")
-    if e.value == 1 and (pos >= len(seq) or seq[pos].size != 1):
+    if e.value == 1:
+        # a literal 1 is the next unit axis where there is one (a static batch of 1), else a new one
+        if pos < len(seq) and seq[pos].size == 1:
+            return seq[pos].root(), pos + 1
         return Dim(1), pos
     taken, pos = take(seq, pos, e.value, reverse)
     d = product_of(list(reversed(taken)) if reverse else taken)
