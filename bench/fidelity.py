@@ -1,6 +1,7 @@
 """Output fidelity of every growth method on every zoo model, measured by `validate` (ORT, CPU).
 
     python bench/fidelity.py            # prints markdown tables for docs/BENCHMARKS.md
+    python bench/fidelity.py --only gpt2-dynamo23 --shapes 1x5,1x9,1x16   # some models, other shapes
 
 Width targets for the any-size methods: hidden, heads, kv heads and FFN x1.5 (e.g. 64 -> 96, 4 -> 6
 heads). Depth: identity / stack / interleave to twice the layers. Reported: the largest absolute
@@ -10,6 +11,7 @@ logits (for models whose output is logits).
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -25,10 +27,13 @@ from onnxgrow.api import deepen  # noqa: E402
 from onnxgrow.verify import validate  # noqa: E402
 
 
+SHAPES = ((1, 5), (2, 9), (3, 16))  # validate's default; a static-shape export is fed its own shape
+
+
 def measure(model: onnx.ModelProto, source: Path, tmp: Path) -> str:
     path = tmp / "m.onnx"
     onnx.save(model, path)
-    r = validate(source, path)
+    r = validate(source, path, shapes=SHAPES)
     worst = max(o.max_abs_diff for o in r.outputs)
     cos = min(o.cosine for o in r.outputs if o.cosine is not None)
     top1 = [o.top1_agreement for o in r.outputs if o.top1_agreement is not None]
@@ -36,8 +41,15 @@ def measure(model: onnx.ModelProto, source: Path, tmp: Path) -> str:
 
 
 def main():
+    global SHAPES
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", nargs="+", metavar="NAME", help="these zoo models (default: all)")
+    p.add_argument("--shapes", help="input shapes, batch x seq, e.g. 1x5,1x9,1x16")
+    args = p.parse_args()
+    if args.shapes:
+        SHAPES = tuple(tuple(int(n) for n in s.split("x")) for s in args.shapes.split(","))
     from conftest import load_builder, ZOO
-    entries = [e for e in load_builder().build_zoo(ZOO) if "error" not in e]
+    entries = [e for e in load_builder().build_zoo(ZOO, args.only) if "error" not in e]
     tmp = Path(tempfile.mkdtemp())
     print("### Width: max abs diff / min cosine / top-1 agreement (logits)\n")
     print("| model | hypercloning x2 | fpi x1.5 | aki x1.5 | pad x1.5 | pad x1.5, noise 0.01 |")
