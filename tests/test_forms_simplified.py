@@ -32,7 +32,9 @@ from helpers import assert_close_to_scale, worst, zoo_model
 SLIM = ["gpt2-slim-ts17", "llama-gqa-slim-ts17", "bert-slim-ts17"]
 FORMS = SLIM + ["llama-gqa-onnxsim-ts17", "llama-gqa-optimized-ts17"]
 PRE_NORM = [n for n in FORMS if not n.startswith("bert")]
-UNSIMPLIFIED = {name: name.split("-")[0] + ("-gqa" if name.startswith("llama") else "") + "-ts17" for name in FORMS}
+# the export each form was simplified from
+UNSIMPLIFIED = {"gpt2-slim-ts17": "gpt2-ts17", "llama-gqa-slim-ts17": "llama-gqa-ts17", "bert-slim-ts17": "bert-ts17",
+                "llama-gqa-onnxsim-ts17": "llama-gqa-ts17", "llama-gqa-optimized-ts17": "llama-gqa-ts17"}
 KEYS = ["hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "ffn_size", "vocab_size",
         "max_positions", "norm", "norm_position", "positional", "tied_embeddings", "activation",
         "parallel_residual", "num_parameters"]
