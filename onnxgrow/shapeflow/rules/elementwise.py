@@ -12,9 +12,11 @@ still names the Dims it computes:
 
 from __future__ import annotations
 
+import onnx_ir as ir
+
 from ...dims import Dim, factors, product_of
 from ...registry import MICROSOFT
-from ..core import RULES, Elem, Meaning, attr
+from ..core import RULES, SMALL_INT_TENSOR, Elem, Meaning, attr
 
 UNARY = {"Cast", "Neg", "Sqrt", "Reciprocal", "Erf", "Tanh", "Sigmoid", "Relu", "Exp", "Log", "Cos",
          "Sin", "Softmax", "LogSoftmax", "IsNaN", "IsInf", "Not", "Identity", "Abs", "Gelu", "Trilu",
@@ -65,10 +67,22 @@ def broadcast(flow, node, ins):
 
 def where_values(flow, node):
     cond, a, b = (flow.elems(v) for v in node.inputs)
+    if cond is None:
+        cond = constant_condition(node.inputs[0])
     if a is not None and b is not None and cond is not None and len(a) == len(b) == len(cond) \
             and all(c.value is not None for c in cond):
         # exporters write Where(Equal(shape, -1), 1, shape) to resolve -1 in an Expand target
         flow.vals[node.outputs[0]] = [x if c.value else y for c, x, y in zip(cond, a, b)]
+
+
+def constant_condition(v) -> list[Elem] | None:
+    """A Where's condition folded into a bool constant (onnxslim and onnxsim fold the Equal(shape, -1)
+    of an Expand target once its -1s are known). Bools are not shape literals: they get no leaf, so
+    no rewrite changes them."""
+    t = v.const_value if v is not None and v.is_initializer() else None
+    if t is None or t.dtype != ir.DataType.BOOL or t.size > SMALL_INT_TENSOR:
+        return None
+    return [Elem(value=int(x)) for x in t.numpy().reshape(-1)]
 
 
 def shape_arithmetic(flow, node):
