@@ -252,6 +252,10 @@ def _static():
     specs = []
     for family, prefix, sizes in [("gpt2", "gpt2", TINY), ("llama", "llama-gqa", GQA), ("bert", "bert", TINY)]:
         specs += [Spec(f"{prefix}-static-b{b}", family, "static", 20, dict(sizes, static_batch=b)) for b in (1, 2)]
+        # and simplified, as users often do next: with static shapes onnxslim fuses MatMul + Add into
+        # Gemm on a [tokens, hidden] view of the stream and folds every shape chain
+        specs.append(Spec(f"{prefix}-static-b2-slim", family, "static", 20, dict(sizes, static_batch=2),
+                          simplify="onnxslim"))
     return specs
 
 

@@ -19,6 +19,7 @@ from .errors import UnsupportedGraph
 from .metadata import IO_MAP_KEY, IO_NAMES_KEY
 from .normalize import unique_name
 from .structure import TransformerSpec, consumers_forward, skip_view, weight_of
+from .views import PASS_THROUGH, RESHAPES, look_through
 
 
 @dataclass
@@ -119,8 +120,8 @@ def residual_values(spec: TransformerSpec) -> list[ir.Value]:
         values.append(skip_view(spec.final_norm.input))
     elif spec.norm_position == "post":
         # post-norm: each block reads the previous norm's output; the last ends at the norm after its FFN
-        values = [skip_view(proj_input(spec, b.attention.q_proj)) for b in blocks]
         norm_outputs = {id(nrm.output) for nrm in all_norms(spec)}
+        values = [stream_behind(proj_input(spec, b.attention.q_proj), norm_outputs) for b in blocks]
         after = consumers_forward(blocks[-1].ffn.down.outputs[0],
                                   lambda n: any(id(o) in norm_outputs for o in n.outputs))
         if not after:
@@ -129,6 +130,14 @@ def residual_values(spec: TransformerSpec) -> list[ir.Value]:
     else:
         raise UnsupportedGraph("blocks without norms are not supported")
     return values
+
+
+def stream_behind(value: ir.Value, norm_outputs: set[int]) -> ir.Value:
+    """The norm output a post-norm block's projection reads, through a Reshape in between (a
+    static-shape export flattens the stream to [tokens, hidden] for Gemm; the residual Add still reads
+    the norm's own output, so that is where the block starts); else `value` behind casts."""
+    behind = look_through(value, PASS_THROUGH | RESHAPES)
+    return behind if id(behind) in norm_outputs else skip_view(value)
 
 
 def all_norms(spec):

@@ -4,7 +4,8 @@ The dynamo exporter at opset 20 writes every shape as a literal (batch x 8 token
 only, and folds the position and token-type lookups into constants added to the token embeddings.
 The same number (8) is the sequence length and the head dimension's half; a static batch of 2 is as
 big as a kv-head count. The analysis tells them apart by dataflow; rewrites keep the static shapes;
-subclone, train and validate fit their windows to them and refuse what does not fit.
+subclone, train and validate fit their windows to them and refuse what does not fit. The `-slim` forms are the same exports after onnxslim, which with static
+shapes fuses MatMul + Add into Gemm on a [tokens, hidden] view of the stream.
 
 Every command runs on each form (inspect, widen by each method, deepen by each method, subclone,
 validate, train, export-weights), and the exact methods stay exact.
@@ -30,7 +31,8 @@ from onnxgrow.verify import plan_inputs, run_model
 from onnxgrow.weights import export_weights
 from helpers import assert_close_to_scale, save_and_validate, zoo_model
 
-FORMS = [f"{family}-static-b{b}" for family in ("gpt2", "llama-gqa", "bert") for b in (1, 2)]
+FAMILIES = ("gpt2", "llama-gqa", "bert")
+FORMS = [f"{family}-static-{form}" for family in FAMILIES for form in ("b1", "b2", "b2-slim")]
 PRE_NORM = [n for n in FORMS if not n.startswith("bert")]
 SEQ = 8
 KEYS = ["hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "ffn_size", "vocab_size",
@@ -38,7 +40,7 @@ KEYS = ["hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "f
 
 
 def batch_of(name: str) -> int:
-    return int(name[-1])
+    return int(name.split("-static-b")[1][0])
 
 
 def io_shapes(path) -> list[list[int]]:
@@ -183,3 +185,22 @@ def test_export_weights_names_every_role(zoo, tmp_path, name):
     if c["positional"] == "learned":  # folded: the first 8 rows, as [1, 8, hidden]
         assert tensors["embed.positions"].shape[-2:] == (SEQ, c["hidden_size"])
     assert len([k for k in tensors if k.startswith("layers.")]) > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_simplified_export_deepens_into_the_same_function(zoo, tmp_path, family):
+    """onnxslim changes the graph, not the model: stacking and interleaving its blocks must give what they
+    give on the export before simplification (same weights). A copy that read the stream through the
+    wrong view, or shared the residual it should have copied, differs."""
+    plain, slim = zoo_model(zoo, f"{family}-static-b2"), zoo_model(zoo, f"{family}-static-b2-slim")
+    if family == "bert":  # MatMul + Add fused by onnxslim (GPT-2 has Gemm already; Llama has no biases)
+        ops = [{n.op_type for n in onnx.load(str(p)).graph.node} for p in (plain, slim)]
+        assert "Gemm" in ops[1] - ops[0]
+    ids = np.random.default_rng(0).integers(0, zoo[f"{family}-static-b2"]["config"]["vocab_size"], (2, SEQ))
+    for method in ("stack", "interleave"):
+        outputs = []
+        for source in (plain, slim):
+            out = tmp_path / f"{method}-{source.parent.name}.onnx"
+            onnx.save(onnxgrow.deepen(source, factor=2, method=method), out)
+            outputs.append(next(iter(run_model(out, {"input_ids": ids}, "cpu").values())))
+        assert np.abs(outputs[0] - outputs[1]).max() <= 1e-5 * np.abs(outputs[0]).max(), method
