@@ -343,6 +343,7 @@ def check_with_onnx_checker(skeleton: onnx.ModelProto, path: Path) -> None:
     # shape left out is unknown). Outputs without one are left out of the check (check_graph made
     # sure they are produced); with such an input, the nodes are checked one by one instead.
     g = skeleton.graph
+    set_aside_runtime_ops(skeleton)
     outputs = [v for v in g.output if _typed(v)]
     del g.output[:]
     g.output.extend(outputs)
@@ -367,6 +368,38 @@ def check_with_onnx_checker(skeleton: onnx.ModelProto, path: Path) -> None:
     except Exception as e:
         why = (first_line(e) or type(e).__name__).replace("[ShapeInferenceError] Inference error(s): ", "")
         raise OnnxgrowError(f"could not load {path}: shapes or types do not fit: {why}") from None
+
+
+# ONNX Runtime registers these in the default domain although ONNX defines no such op. Exporters and
+# ORT's own tools write them there (onnxruntime-genai's SimplifiedLayerNormalization); the model runs.
+# Read from onnxruntime's schemas when it is installed; this list is what onnxruntime 1.32 registers.
+RUNTIME_DEFAULT_DOMAIN_OPS = frozenset({
+    "Affine", "Crop", "DynamicSlice", "GRUUnit", "GivenTensorFill", "ImageScaler", "MemcpyFromHost",
+    "MemcpyToHost", "ParametricSoftplus", "Scale", "ScaledTanh", "SimplifiedLayerNormalization"})
+RUNTIME_CHECK_DOMAIN = "onnxgrow.runtime_op"  # where the skeleton parks them: a domain the checker skips
+
+
+def runtime_default_domain_ops() -> frozenset[str]:
+    """Ops ONNX Runtime runs in the default domain that ONNX does not define."""
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+        known = {s.name for s in onnx.defs.get_all_schemas_with_history() if s.domain == ""}
+        return frozenset(s.name for s in ort_state.get_all_operator_schema() if s.domain == "") - known
+    except (ImportError, AttributeError):
+        return RUNTIME_DEFAULT_DOMAIN_OPS
+
+
+def set_aside_runtime_ops(skeleton: onnx.ModelProto) -> None:
+    """Move the default-domain nodes that only ONNX Runtime defines out of the checker's way (in the
+    weightless copy the checker reads): a model ONNX Runtime runs is not invalid ONNX. Contrib ops
+    (com.microsoft) need nothing: the checker leaves domains it has no schemas for alone."""
+    runtime_ops = runtime_default_domain_ops()
+    moved = False
+    for node in _all_nodes(skeleton.graph):
+        if node.domain in ("", "ai.onnx") and node.op_type in runtime_ops:
+            node.domain, moved = RUNTIME_CHECK_DOMAIN, True
+    if moved:
+        skeleton.opset_import.append(onnx.helper.make_opsetid(RUNTIME_CHECK_DOMAIN, 1))
 
 
 def _proto_tensors(graph: onnx.GraphProto):
