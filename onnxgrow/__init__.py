@@ -6,13 +6,14 @@
     onnxgrow.deepen(model, layers=8)             # identity, stack or interleave
     onnxgrow.subclone(model, ids, hidden=128)    # a smaller model chosen from a larger one
     onnxgrow.validate(source, target)            # compare outputs in ONNX Runtime: a Report
+    onnxgrow.dequantize(model)                   # int4/int8 weights to float, before growing
     onnxgrow.train(model, data, steps=100)       # with the `train` extra (torch)
 
 A model is a path, an onnx.ModelProto or an onnx_ir.Model; the result has the kind given (a
 ModelProto for a path). See onnxgrow/api.py. Importing onnxgrow does not import torch.
 """
 
-from .api import deepen, inspect, structure, subclone, validate, widen  # noqa: F401
+from .api import deepen, dequantize, inspect, structure, subclone, validate, widen  # noqa: F401
 from .errors import OnnxgrowError  # noqa: F401
 
 __version__ = "0.1.0"

@@ -51,6 +51,16 @@ def inspect(model) -> dict:
     return structure(model).config()
 
 
+def dequantize(model):
+    """`model` with its quantized weights (MatMulNBits, MatMulInteger, QDQ, GatherBlockQuantized) in
+    float, as onnxgrow.quantized describes; of the kind given. The other functions refuse quantized
+    models: dequantize first, grow, then quantize the grown model again."""
+    from .quantized import dequantize as to_float
+    m = modelio.as_ir(model)
+    to_float(m)
+    return modelio.same_kind(m, model)
+
+
 def load_pass(method: str, registry: dict = WIDTH_PASSES):
     """The registered pass called `method`, or a one-line error naming the choices."""
     if method not in registry:

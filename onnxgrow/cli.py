@@ -103,12 +103,16 @@ def config_table(title: str, *configs: dict, headers=("value",)) -> Table:
     return table
 
 
+DEQUANTIZE_HELP = "turn quantized weights (MatMulNBits, MatMulInteger, QDQ, GatherBlockQuantized) into float first"
+
+
 @app.command()
 @one_line_errors
 def inspect(model: Path = typer.Argument(..., help="ONNX model"),
-            as_json: bool = typer.Option(False, "--json", help="print JSON")):
+            as_json: bool = typer.Option(False, "--json", help="print JSON"),
+            dequantize: bool = typer.Option(False, help=DEQUANTIZE_HELP)):
     """Show the transformer configuration found in MODEL's graph."""
-    config = api.inspect(model)
+    config = api.inspect(load_source(model, dequantize, verify=False)[0] if dequantize else model)
     if as_json:
         print(json.dumps(config, indent=2))
     else:
@@ -135,8 +139,35 @@ def validate(source: Path, target: Path,
     raise typer.Exit(report.exit_code)
 
 
+def load_source(model: Path, dequantize: bool, verify: bool = True, provider: str = "auto"):
+    """(the model, the absolute tolerance its checks need): None, or, for a quantized model turned into
+    float, twice what dequantizing alone changes in its outputs plus 1e-4 (measured here, said on stderr)."""
+    source = modelio.load(model)
+    if not dequantize:
+        return source, None
+    from .quantized import dequantize as to_float
+    done = to_float(source)
+    if not done:
+        return source, None
+    what = ", ".join(f"{op} x{n}" for op, n in done.items())
+    if not verify:
+        err.print(f"dequantized {what}: the output is a float model")
+        return source, None
+    import tempfile
+
+    from .verify import validate as run_validation
+    with tempfile.TemporaryDirectory(prefix="onnxgrow-dequantized-") as tmp:
+        path = modelio.save(modelio.as_ir(source), Path(tmp) / "float.onnx")
+        report = run_validation(model, path, provider=provider, tolerance=float("inf"))
+    change = max(o.max_abs_diff for o in report.outputs)
+    tolerance = 2 * change + 1e-4
+    err.print(f"dequantized {what}: the output is a float model; its float weights change the quantized "
+              f"source's outputs by up to {change:.2g}, so outputs are checked at max abs diff <= {tolerance:.2g}")
+    return source, tolerance
+
+
 def write_checked(model, source: Path, output: Path, force: bool, exact: bool, verify: bool,
-                  provider: str = "auto"):
+                  provider: str = "auto", tolerance: float | None = None):
     """Save atomically; for exact methods refuse (exit 1, nothing written) unless outputs match."""
     from .verify import validate as run_validation
     reports = []
@@ -145,7 +176,7 @@ def write_checked(model, source: Path, output: Path, force: bool, exact: bool, v
         if not verify:
             return
         try:
-            report = run_validation(source, tmp_path, provider=provider)
+            report = run_validation(source, tmp_path, provider=provider, tolerance=tolerance)
         except RuntimeRefused as e:
             if e.path is not None and Path(e.path) == Path(tmp_path):  # the source ran: ours did not
                 raise InternalError(f"ONNX Runtime cannot run the model written ({e}); nothing written") from e
@@ -173,10 +204,11 @@ def widen(model: Path = typer.Argument(..., help="source ONNX model"),
           output: Optional[Path] = typer.Option(None, "--output", "-o"),
           force: bool = typer.Option(False, help="replace an existing output"),
           verify: bool = typer.Option(True, help="run both models in ONNX Runtime and compare"),
-          provider: str = typer.Option("auto", help=PROVIDER_HELP)):
+          provider: str = typer.Option("auto", help=PROVIDER_HELP),
+          dequantize: bool = typer.Option(False, help=DEQUANTIZE_HELP)):
     """Make MODEL wider, starting from what it knows."""
     parse_provider(provider)  # a misspelt provider is refused before the rewrite, not after it
-    source = modelio.load(model)
+    source, tolerance = load_source(model, dequantize, verify, provider)
     spec = api.load_structure(source)
     before = spec.config()  # the rewrite happens in place: one copy of the weights in memory
     wide = api.widen_ir(source, factor, hidden=hidden, heads=heads, kv_heads=kv_heads, ffn=ffn,
@@ -184,7 +216,7 @@ def widen(model: Path = typer.Argument(..., help="source ONNX model"),
     label = f"widen{api.factor_label(factor)}x" if factor else f"widen-h{hidden}"
     output = output or api.default_output(model, label)
     exact = api.WIDTH_PASSES[method].exact
-    report = write_checked(wide, model, output, force, exact, verify, provider)
+    report = write_checked(wide, model, output, force, exact, verify, provider, tolerance)
     after = api.load_structure(wide).config()
     out.print(config_table(f"{model} -> {output} ({method})", before, after, headers=("source", "target")))
     finish(report, output)
@@ -202,10 +234,11 @@ def deepen(model: Path = typer.Argument(..., help="source ONNX model"),
            output: Optional[Path] = typer.Option(None, "--output", "-o"),
            force: bool = typer.Option(False, help="replace an existing output"),
            verify: bool = typer.Option(True, help="run both models in ONNX Runtime and compare"),
-           provider: str = typer.Option("auto", help=PROVIDER_HELP)):
+           provider: str = typer.Option("auto", help=PROVIDER_HELP),
+           dequantize: bool = typer.Option(False, help=DEQUANTIZE_HELP)):
     """Make MODEL deeper: identity blocks (exact), or stacked / interleaved copies of its blocks."""
     parse_provider(provider)
-    source = modelio.load(model)
+    source, tolerance = load_source(model, dequantize, verify, provider)
     spec = api.load_structure(source)
     before = spec.config()
     positions = parse_list(at, "--at")
@@ -214,8 +247,23 @@ def deepen(model: Path = typer.Argument(..., help="source ONNX model"),
     after = api.load_structure(deep).config()
     output = output or api.default_output(model, f"deepen-l{after['num_layers']}")
     exact = api.DEPTH_PASSES[method].exact and noise == 0
-    report = write_checked(deep, model, output, force, exact, verify, provider)
+    report = write_checked(deep, model, output, force, exact, verify, provider, tolerance)
     out.print(config_table(f"{model} -> {output} ({method})", before, after, headers=("source", "target")))
+    finish(report, output)
+
+
+@app.command(name="dequantize")
+@one_line_errors
+def dequantize_command(model: Path = typer.Argument(..., help="quantized ONNX model"),
+                       output: Optional[Path] = typer.Option(None, "--output", "-o"),
+                       force: bool = typer.Option(False, help="replace an existing output"),
+                       verify: bool = typer.Option(True, help="compare with the quantized model in ONNX Runtime"),
+                       provider: str = typer.Option("auto", help=PROVIDER_HELP)):
+    """Turn MODEL's quantized weights into float (then grow, subclone or train the float model)."""
+    parse_provider(provider)
+    source, tolerance = load_source(model, True, verify, provider)
+    output = output or api.default_output(model, "float")
+    report = write_checked(source, model, output, force, True, verify, provider, tolerance)
     finish(report, output)
 
 
@@ -258,10 +306,11 @@ def subclone(model: Path = typer.Argument(..., help="source ONNX model (the larg
              report: bool = typer.Option(True, help="print the fidelity report (runs source, subclone and a "
                                                     "random model on held-out windows)"),
              output: Optional[Path] = typer.Option(None, "--output", "-o"),
-             force: bool = typer.Option(False, help="replace an existing output")):
+             force: bool = typer.Option(False, help="replace an existing output"),
+             dequantize: bool = typer.Option(False, help=DEQUANTIZE_HELP)):
     """Make a smaller model whose weights are chosen from MODEL's (Weight subcloning)."""
     from .subcloning import subclone_model
-    source = modelio.load(model)
+    source = load_source(model, dequantize, verify=False)[0]
     spec = api.load_structure(source)
     source_config = spec.config()  # now: the rewrite happens in place
     result = subclone_model(source, calib, tokenizer=tokenizer, use_bytes=use_bytes, samples=samples, seq=seq,

@@ -33,6 +33,7 @@ import onnx_ir as ir
 from .dims import Dim, atoms, factors, product_of, same, unify
 from .errors import UnsupportedGraph
 from .normalize import normalize
+from .quantized import refuse_quantized
 from .shapeflow import ShapeFlow, analyse
 from .views import CASTS, IDS, PASS_THROUGH, RESHAPES, SHAPE_OF, look_through  # noqa: F401 (re-exported)
 
@@ -234,6 +235,7 @@ def load_structure(model: ir.Model) -> TransformerSpec:
     parameters and small ints get their own copies: see normalize.py), but it does change the
     model object given: pass a copy (modelio.as_ir(model)) to keep the original as it is.
     """
+    refuse_quantized(model)  # before any analysis: onnxgrow grows float models (see quantized.py)
     normalize(model)
     return find_structure(model)
 
