@@ -14,8 +14,10 @@ data is read.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -24,6 +26,8 @@ import onnx_ir as ir
 
 from .errors import InternalError, OnnxgrowError, first_line
 from .singlefile import merge_external
+
+log = logging.getLogger(__name__)
 
 TWO_GB = 2**31
 # ONNX Runtime releases accept IR versions up to a limit; exporters may write newer ones.
@@ -527,6 +531,7 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
     if model.ir_version > MAX_IR_VERSION:
         model.ir_version = MAX_IR_VERSION
     path.parent.mkdir(parents=True, exist_ok=True)
+    check_free_space(path, weight_bytes(model), external_data)
     data_name = path.name + ".data"
     tmp_dir = Path(tempfile.mkdtemp(prefix=".onnxgrow-", dir=path.parent))
     try:
@@ -552,6 +557,34 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
             leftover.unlink()
         tmp_dir.rmdir()
     return path
+
+
+SPACE_MARGIN = 64 * 2**20  # the graph itself, and room for the filesystem's own bookkeeping
+
+
+def free_bytes(folder: Path) -> int:
+    return shutil.disk_usage(folder).free
+
+
+def check_free_space(path: Path, weights: int, external_data: bool) -> None:
+    """Refuse before writing anything when the output's filesystem cannot hold it: the weights are
+    staged next to the output, and a single-file output is assembled from them (twice the weights
+    at the peak); external data is moved into place instead."""
+    need = weights * (1 if external_data else 2) + SPACE_MARGIN
+    free = free_bytes(path.parent)
+    log.info("writing %s: %s of weights%s", path, human_bytes(weights), " (external data)" if external_data else "")
+    if free < need:
+        how = "" if external_data else ", twice the weights while the single file is assembled"
+        raise OnnxgrowError(f"not enough space to write {path}: it needs {human_bytes(need)}{how}; "
+                            f"{human_bytes(free)} free on its filesystem; nothing written")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
 
 
 def check_written(staged: Path) -> None:
