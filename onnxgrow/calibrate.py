@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+from rich.console import Console
 from rich.progress import Progress
 
 from .errors import OnnxgrowError
@@ -70,7 +71,7 @@ def mean_abs(model: ir.Model, probes: dict[str, ir.Value], ids: np.ndarray, batc
         path = Path(tmp) / "probe.onnx"
         ir.save(probe_model, path, external_data="probe.onnx.data")
         session = open_session(path, provider)
-        with Progress(transient=True) as progress:
+        with Progress(transient=True, console=Console(stderr=True)) as progress:  # stdout may hold --json
             task = progress.add_task(label, total=len(ids))
             for chunk, real in batches(ids, batch, fixed_token_shape(plan)[0]):
                 outputs = run_model(session, feeds_for(plan, chunk), provider)

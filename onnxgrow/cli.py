@@ -103,6 +103,7 @@ def config_table(title: str, *configs: dict, headers=("value",)) -> Table:
     return table
 
 
+JSON_HELP = "print one JSON object on stdout: paths and sizes written, configurations, verification"
 DEQUANTIZE_HELP = "turn quantized weights (MatMulNBits, MatMulInteger, QDQ, GatherBlockQuantized) into float first"
 
 
@@ -205,7 +206,8 @@ def widen(model: Path = typer.Argument(..., help="source ONNX model"),
           force: bool = typer.Option(False, help="replace an existing output"),
           verify: bool = typer.Option(True, help="run both models in ONNX Runtime and compare"),
           provider: str = typer.Option("auto", help=PROVIDER_HELP),
-          dequantize: bool = typer.Option(False, help=DEQUANTIZE_HELP)):
+          dequantize: bool = typer.Option(False, help=DEQUANTIZE_HELP),
+          as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
     """Make MODEL wider, starting from what it knows."""
     parse_provider(provider)  # a misspelt provider is refused before the rewrite, not after it
     source, tolerance = load_source(model, dequantize, verify, provider)
@@ -218,6 +220,8 @@ def widen(model: Path = typer.Argument(..., help="source ONNX model"),
     exact = api.WIDTH_PASSES[method].exact
     report = write_checked(wide, model, output, force, exact, verify, provider, tolerance)
     after = api.load_structure(wide).config()
+    if as_json:
+        return print_result("widen", model, output, method, before, after, report)
     out.print(config_table(f"{model} -> {output} ({method})", before, after, headers=("source", "target")))
     finish(report, output)
 
@@ -235,7 +239,8 @@ def deepen(model: Path = typer.Argument(..., help="source ONNX model"),
            force: bool = typer.Option(False, help="replace an existing output"),
            verify: bool = typer.Option(True, help="run both models in ONNX Runtime and compare"),
            provider: str = typer.Option("auto", help=PROVIDER_HELP),
-           dequantize: bool = typer.Option(False, help=DEQUANTIZE_HELP)):
+           dequantize: bool = typer.Option(False, help=DEQUANTIZE_HELP),
+           as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
     """Make MODEL deeper: identity blocks (exact), or stacked / interleaved copies of its blocks."""
     parse_provider(provider)
     source, tolerance = load_source(model, dequantize, verify, provider)
@@ -248,6 +253,8 @@ def deepen(model: Path = typer.Argument(..., help="source ONNX model"),
     output = output or api.default_output(model, f"deepen-l{after['num_layers']}")
     exact = api.DEPTH_PASSES[method].exact and noise == 0
     report = write_checked(deep, model, output, force, exact, verify, provider, tolerance)
+    if as_json:
+        return print_result("deepen", model, output, method, before, after, report)
     out.print(config_table(f"{model} -> {output} ({method})", before, after, headers=("source", "target")))
     finish(report, output)
 
@@ -265,6 +272,21 @@ def dequantize_command(model: Path = typer.Argument(..., help="quantized ONNX mo
     output = output or api.default_output(model, "float")
     report = write_checked(source, model, output, force, True, verify, provider, tolerance)
     finish(report, output)
+
+
+def written(output: Path) -> dict:
+    """The files a model was written to, and their size in bytes."""
+    files = [output] + [p for p in (output.parent / (output.name + ".data"),) if p.exists()]
+    return {"path": str(output), "files": [str(p) for p in files], "bytes": sum(p.stat().st_size for p in files)}
+
+
+def print_result(command: str, source: Path, output: Path, method: str, before: dict, after: dict, report,
+                 **extra) -> None:
+    """The --json result: one object on stdout (progress and logs go to stderr)."""
+    result = {"command": command, "source": str(source), "output": written(output), "method": method,
+              "config_before": before, "config_after": after,
+              "verification": report.to_dict() if report is not None else None, **extra}
+    print(json.dumps(result, indent=2))
 
 
 def finish(report, output: Path):
@@ -307,7 +329,8 @@ def subclone(model: Path = typer.Argument(..., help="source ONNX model (the larg
                                                     "random model on held-out windows)"),
              output: Optional[Path] = typer.Option(None, "--output", "-o"),
              force: bool = typer.Option(False, help="replace an existing output"),
-             dequantize: bool = typer.Option(False, help=DEQUANTIZE_HELP)):
+             dequantize: bool = typer.Option(False, help=DEQUANTIZE_HELP),
+             as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
     """Make a smaller model whose weights are chosen from MODEL's (Weight subcloning)."""
     from .subcloning import subclone_model
     source = load_source(model, dequantize, verify=False)[0]
@@ -319,31 +342,38 @@ def subclone(model: Path = typer.Argument(..., help="source ONNX model (the larg
                             rescale=rescale, provider=provider, spec=spec)
     output = output or api.default_output(model, result.label)
     modelio.save(result.model, output, input_paths=(model,), force=force)
-    if not report:
-        out.print(f"wrote {output}")
-        return
     try:
-        subclone_report(model, output, source_config, result, result.held_out, provider)
+        after = api.inspect(output)
+        fidelity_report = subclone_fidelity(model, output, result, provider) if report else None
     except BaseException:
         output.unlink(missing_ok=True)  # a model we could not describe is not handed out
         raise
-    out.print(f"wrote {output}")
-
-
-def subclone_report(model, output, source_config, result, held_out, provider):
-    import tempfile
-
-    from .subcloning import fidelity, randomized
-    after = api.inspect(output)
+    if as_json:
+        return print_result("subclone", model, output, "subclone", source_config, after, None,
+                            removed_blocks=result.removed_blocks, block_updates=list(result.block_updates),
+                            fidelity=fidelity_report)
     out.print(config_table(f"{model} -> {output} (subclone)", source_config, after,
                            headers=("source", "target")))
     if result.removed_blocks:
         out.print(f"removed blocks {result.removed_blocks} (relative updates of the stream: "
                   + ", ".join(f"{u:.3f}" for u in result.block_updates) + ")")
+    if fidelity_report is not None:
+        print_fidelity(fidelity_report)
+    out.print(f"wrote {output}")
+
+
+def subclone_fidelity(model, output, result, provider) -> dict:
+    """Next-token loss / embedding similarity of the subclone and of a random model of its size."""
+    import tempfile
+
+    from .subcloning import fidelity, randomized
     with tempfile.TemporaryDirectory() as tmp:
         baseline = Path(tmp) / "random.onnx"
         modelio.save(randomized(modelio.load(output)), baseline)
-        report = fidelity(model, output, baseline, held_out, result.kept_hidden, provider)
+        return fidelity(model, output, baseline, result.held_out, result.kept_hidden, provider)
+
+
+def print_fidelity(report: dict) -> None:
     table = Table(title="fidelity on held-out calibration windows")
     table.add_column("output")
     table.add_column("measure")
