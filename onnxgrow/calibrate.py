@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-from rich.console import Console
-from rich.progress import Progress
 
+from . import progress
 from .errors import OnnxgrowError
 from .modelio import as_ir
 from .static_shapes import batches, fixed_token_shape
@@ -71,8 +70,7 @@ def mean_abs(model: ir.Model, probes: dict[str, ir.Value], ids: np.ndarray, batc
         path = Path(tmp) / "probe.onnx"
         ir.save(probe_model, path, external_data="probe.onnx.data")
         session = open_session(path, provider)
-        with Progress(transient=True, console=Console(stderr=True)) as progress:  # stdout may hold --json
-            task = progress.add_task(label, total=len(ids))
+        with progress.task(label, total=len(ids), unit="windows") as advance:
             for chunk, real in batches(ids, batch, fixed_token_shape(plan)[0]):
                 outputs = run_model(session, feeds_for(plan, chunk), provider)
                 named = {key: real_rows(outputs[name], len(chunk), real).astype(np.float64) for key, name in exposed}
@@ -85,7 +83,7 @@ def mean_abs(model: ir.Model, probes: dict[str, ir.Value], ids: np.ndarray, batc
                     change = np.linalg.norm(b - a, axis=-1) / (np.linalg.norm(a, axis=-1) + 1e-9)
                     key = f"{before}->{after}"
                     sums[key] = sums.get(key, 0) + change.sum()
-                progress.advance(task, real)
+                advance(real)
     tokens = ids.size
     stats = {key: total / tokens for key, total in sums.items()}
     stats.update({f"{key}^2": total / tokens for key, total in squares.items()})

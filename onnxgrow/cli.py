@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import api, modelio
+from . import api, modelio, progress
 from .runtime import parse_provider
 from .errors import INTERNAL, NOT_PRESERVED, InternalError, OnnxgrowError, RuntimeRefused, first_line
 
@@ -38,9 +38,11 @@ verbose_mode = False  # set by --verbose, or ONNXGROW_DEBUG=1
 
 @app.callback()
 def main_options(verbose: bool = typer.Option(False, "--verbose", "-v",
-                                              help="log details and show tracebacks of internal errors")):
+                                              help="log details and show tracebacks of internal errors"),
+                 quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress display")):
     """Grow and shrink pretrained transformers at the ONNX graph level."""
     global verbose_mode
+    progress.QUIET = quiet
     verbose_mode = verbose or os.environ.get("ONNXGROW_DEBUG", "") not in ("", "0")
     configure_logging(verbose_mode)
 
@@ -177,7 +179,8 @@ def write_checked(model, source: Path, output: Path, force: bool, exact: bool, v
         if not verify:
             return
         try:
-            report = run_validation(source, tmp_path, provider=provider, tolerance=tolerance)
+            with progress.task("verifying in ONNX Runtime"):
+                report = run_validation(source, tmp_path, provider=provider, tolerance=tolerance)
         except RuntimeRefused as e:
             if e.path is not None and Path(e.path) == Path(tmp_path):  # the source ran: ours did not
                 raise InternalError(f"ONNX Runtime cannot run the model written ({e}); nothing written") from e
@@ -211,7 +214,8 @@ def widen(model: Path = typer.Argument(..., help="source ONNX model"),
     """Make MODEL wider, starting from what it knows."""
     parse_provider(provider)  # a misspelt provider is refused before the rewrite, not after it
     source, tolerance = load_source(model, dequantize, verify, provider)
-    spec = api.load_structure(source)
+    with progress.task("analysing the graph"):
+        spec = api.load_structure(source)
     before = spec.config()  # the rewrite happens in place: one copy of the weights in memory
     wide = api.widen_ir(source, factor, hidden=hidden, heads=heads, kv_heads=kv_heads, ffn=ffn,
                         method=method, noise=noise, seed=seed, spec=spec)
@@ -244,7 +248,8 @@ def deepen(model: Path = typer.Argument(..., help="source ONNX model"),
     """Make MODEL deeper: identity blocks (exact), or stacked / interleaved copies of its blocks."""
     parse_provider(provider)
     source, tolerance = load_source(model, dequantize, verify, provider)
-    spec = api.load_structure(source)
+    with progress.task("analysing the graph"):
+        spec = api.load_structure(source)
     before = spec.config()
     positions = parse_list(at, "--at")
     deep = api.deepen_ir(source, layers, factor=factor, method=method, at=positions, noise=noise, seed=seed,
@@ -334,7 +339,8 @@ def subclone(model: Path = typer.Argument(..., help="source ONNX model (the larg
     """Make a smaller model whose weights are chosen from MODEL's (Weight subcloning)."""
     from .subcloning import subclone_model
     source = load_source(model, dequantize, verify=False)[0]
-    spec = api.load_structure(source)
+    with progress.task("analysing the graph"):
+        spec = api.load_structure(source)
     source_config = spec.config()  # now: the rewrite happens in place
     result = subclone_model(source, calib, tokenizer=tokenizer, use_bytes=use_bytes, samples=samples, seq=seq,
                             allow_random_calib=allow_random_calib, hidden=hidden, heads=heads, kv_heads=kv_heads,

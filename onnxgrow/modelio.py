@@ -24,6 +24,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
+from . import progress
 from .errors import InternalError, OnnxgrowError, first_line
 from .singlefile import merge_external
 
@@ -46,6 +47,11 @@ def load(path: str | os.PathLike) -> ir.Model:
         raise OnnxgrowError(f"not a file: {path}")
     if path.stat().st_size == 0:
         raise OnnxgrowError(f"{path} is empty (0 bytes)")
+    with progress.task(f"loading {path.name}"):
+        return _load(path)
+
+
+def _load(path: Path) -> ir.Model:
     try:
         proto = onnx.load(path, load_external_data=False)
     except Exception:  # protobuf gives many kinds of parse errors, none of them useful to a user
@@ -539,7 +545,8 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
         # checker and `verify` see that staged model, and a single-file output is then assembled
         # from it without ever holding the whole serialized model (onnxgrow/singlefile.py).
         staged = tmp_dir / path.name
-        ir.save(model, staged, external_data=data_name)
+        with progress.task(f"writing {path.name}", total=weight_bytes(model), unit="bytes") as advance:
+            ir.save(model, staged, external_data=data_name, callback=lambda tensor, _: advance(tensor.nbytes))
         check_written(staged)
         if verify is not None:
             verify(staged)
