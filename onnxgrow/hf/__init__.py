@@ -150,6 +150,9 @@ def import_hf(folder, model, out_path=None, *, force: bool = False):
     """`model` (the ONNX graph the folder was exported from, or one of the same structure) with its
     weights replaced by the folder's. Returns the ModelProto, and writes it when `out_path` is given."""
     folder = Path(folder)
+    inputs = (Path(model),) if isinstance(model, (str, os.PathLike)) else ()
+    if out_path is not None:
+        modelio.guard_output_path(Path(out_path), inputs, force)
     config, tensors = read_checkpoint(folder)
     m, spec, roles, layout = layout_of(model)
     want = layout.config["model_type"]
@@ -170,8 +173,7 @@ def import_hf(folder, model, out_path=None, *, force: bool = False):
     proto = write_assignments(model, roles, values)
     if out_path is not None:
         import onnx_ir as ir
-        modelio.save(ir.from_proto(proto), Path(out_path), input_paths=(model,) if not hasattr(model, "graph") else (),
-                     force=force)
+        modelio.save(ir.from_proto(proto), Path(out_path), input_paths=inputs, force=force)
     return proto
 
 

@@ -1,0 +1,200 @@
+"""export-hf and import-hf: a Hugging Face folder that transformers loads as it is, computing what ONNX
+Runtime computes on the graph, and its (trained) weights back into the same graph."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from onnxgrow import api
+from onnxgrow.cli import app
+from onnxgrow.weights import model_roles
+
+from helpers import zoo_model
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every folder here is local
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+
+RTOL = 1e-4  # relative to the output's scale (at least 1)
+runner = CliRunner()
+
+# every family of the zoo, TorchScript opset 17 and one dynamo export of each
+FORMS = ["gpt2-ts17", "bert-ts17", "bert-mlm-ts17", "minilm-ts17", "llama-gqa-ts17", "neox-ts17", "opt-ts17",
+         "gpt2-dynamo18", "bert-dynamo18", "llama-gqa-dynamo18", "neox-dynamo18", "opt-dynamo18"]
+
+
+def auto_class(config: dict):
+    arch = config["architectures"][0]
+    if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
+        return transformers.AutoModelForCausalLM
+    if arch.endswith("ForMaskedLM"):
+        return transformers.AutoModelForMaskedLM
+    return transformers.AutoModel
+
+
+def load_hf(folder):
+    config = json.loads((folder / "config.json").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, info = auto_class(config).from_pretrained(folder, output_loading_info=True)
+    # nothing left at random init: BertModel's pooler is the one part no graph here has
+    missing = [k for k in info["missing_keys"] if not k.startswith("pooler.")]
+    assert not missing and not info["unexpected_keys"], info
+    return model.eval()
+
+
+def example_feeds(path, vocab: int) -> dict:
+    names = [i.name for i in ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()]
+    g = torch.Generator().manual_seed(0)
+    feeds = {"input_ids": torch.randint(0, vocab, (2, 7), generator=g),
+             "attention_mask": torch.ones(2, 7, dtype=torch.long),
+             "token_type_ids": torch.randint(0, 2, (2, 7), generator=g)}
+    feeds["attention_mask"][-1, -2:] = 0
+    return {k: v for k, v in feeds.items() if k in names}
+
+
+def ort_output(model, feeds) -> np.ndarray:
+    data = model if isinstance(model, (str, os.PathLike)) else model.SerializeToString()
+    sess = ort.InferenceSession(str(data) if isinstance(data, os.PathLike) else data,
+                                providers=["CPUExecutionProvider"])
+    return sess.run(None, {k: v.numpy() for k, v in feeds.items()})[0]
+
+
+def hf_output(model, feeds) -> np.ndarray:
+    with torch.no_grad():
+        out = model(**feeds)
+    return (out.logits if hasattr(out, "logits") else out.last_hidden_state).numpy()
+
+
+def relative_error(got, ref, feeds) -> float:
+    mask = feeds.get("attention_mask", torch.ones_like(feeds["input_ids"])).bool().numpy()
+    return float(np.abs(got - ref)[mask].max() / max(1.0, np.abs(ref).max()))
+
+
+@pytest.fixture(scope="module")
+def exported(zoo, tmp_path_factory):
+    """name -> (onnx path, hf folder), exported once per module."""
+    root, done = tmp_path_factory.mktemp("hf"), {}
+
+    def get(name):
+        if name not in done:
+            path = zoo_model(zoo, name)
+            done[name] = (path, api.export_hf(path, root / name))
+        return done[name]
+    return get
+
+
+@pytest.mark.parametrize("name", FORMS)
+def test_export_loads_and_matches_onnxruntime(exported, name):
+    path, folder = exported(name)
+    model = load_hf(folder)
+    feeds = example_feeds(path, model.config.vocab_size)
+    err = relative_error(hf_output(model, feeds), ort_output(path, feeds), feeds)
+    assert err < RTOL, f"{name}: {err:.2e}"
+
+
+@pytest.mark.parametrize("name", FORMS)
+def test_round_trip_is_bit_identical(exported, name):
+    path, folder = exported(name)
+    back = api.import_hf(folder, path)
+    before = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    after = {t.name: onnx.numpy_helper.to_array(t) for t in back.graph.initializer}
+    assert before.keys() == after.keys()
+    for k in before:
+        assert before[k].dtype == after[k].dtype and before[k].tobytes() == after[k].tobytes(), k
+
+
+def grown(zoo, tmp_path, kind):
+    if kind == "widened-gpt2":
+        model = api.widen(zoo_model(zoo, "gpt2-ts17"), 2, method="hypercloning")
+    else:
+        model = api.deepen(zoo_model(zoo, "llama-gqa-ts17"), 4, method="identity")
+    path = tmp_path / "grown.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind, key, size", [("widened-gpt2", "n_embd", 128), ("deepened-llama", "num_hidden_layers", 4)])
+def test_grown_model_exports_at_its_new_size(zoo, tmp_path, kind, key, size):
+    path = grown(zoo, tmp_path, kind)
+    folder = api.export_hf(path, tmp_path / "hf")
+    model = load_hf(folder)
+    assert getattr(model.config, key) == size
+    feeds = example_feeds(path, model.config.vocab_size)
+    assert relative_error(hf_output(model, feeds), ort_output(path, feeds), feeds) < RTOL
+
+
+def add_o_bias(path, out):
+    """The Llama graph with a bias after every attention output projection and nowhere else: no
+    transformers class has that (Llama biases all four projections, Qwen2 only Q, K and V)."""
+    _, roles = model_roles(path)
+    proto = onnx.load(str(path))
+    g = proto.graph
+    for i, role in enumerate(r for r in roles if r.endswith(".attn.o")):
+        name, _ = roles[role]
+        pos, node = next((k, n) for k, n in enumerate(g.node) if n.op_type == "MatMul" and name in n.input)
+        old, new = node.output[0], node.output[0] + "_biased"
+        for n in g.node:
+            n.input[:] = [new if x == old else x for x in n.input]
+        hidden = next(t for t in g.initializer if t.name == name).dims[1]
+        g.initializer.append(onnx.numpy_helper.from_array(np.full(hidden, 0.1, np.float32), f"o_bias_{i}"))
+        g.node.insert(pos + 1, onnx.helper.make_node("Add", [old, f"o_bias_{i}"], [new]))
+    onnx.save(proto, str(out))
+    return out
+
+
+def test_structure_without_a_class_is_refused_and_nothing_written(zoo, tmp_path):
+    path = add_o_bias(zoo_model(zoo, "llama-gqa-ts17"), tmp_path / "o-bias.onnx")
+    target = tmp_path / "out" / "hf"
+    result = runner.invoke(app, ["export-hf", str(path), "-o", str(target)])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert "biases on all of Q, K, V and O or none" in message
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_cli_round_trip_with_tokenizer(zoo, tmp_path):
+    src = tmp_path / "model.onnx"
+    src.write_bytes(zoo_model(zoo, "gpt2-ts17").read_bytes())
+    (tmp_path / "tokenizer.json").write_text("{}")
+    result = runner.invoke(app, ["export-hf", str(src), "-o", str(tmp_path / "hf")])
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in (tmp_path / "hf").iterdir()} == {"config.json", "model.safetensors", "tokenizer.json"}
+    again = runner.invoke(app, ["export-hf", str(src), "-o", str(tmp_path / "hf")])
+    assert again.exit_code == 2 and "exists" in again.output
+    result = runner.invoke(app, ["import-hf", str(tmp_path / "hf"), str(src), "-o", str(tmp_path / "back.onnx")])
+    assert result.exit_code == 0, result.output
+    a, b = onnx.load(str(src)), onnx.load(str(tmp_path / "back.onnx"))
+    assert [t.raw_data for t in a.graph.initializer] == [t.raw_data for t in b.graph.initializer]
+
+
+def train_one_step(model, feeds):
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    out = model(**feeds, labels=feeds["input_ids"]) if hasattr(model, "lm_head") or \
+        hasattr(model, "embed_out") or hasattr(model, "cls") else None
+    loss = out.loss if out is not None else model(**feeds).last_hidden_state.pow(2).mean()
+    loss.backward()
+    opt.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["gpt2-ts17", "llama-gqa-ts17", "bert-mlm-ts17", "neox-dynamo18"])
+def test_trained_weights_come_back(exported, tmp_path, name):
+    path, folder = exported(name)
+    model = load_hf(folder)
+    feeds = example_feeds(path, model.config.vocab_size)
+    train_one_step(model, feeds)
+    model.save_pretrained(tmp_path / "trained")
+    trained = api.import_hf(tmp_path / "trained", path, output=tmp_path / "trained.onnx")
+    want = hf_output(model, feeds)
+    assert relative_error(ort_output(trained, feeds), want, feeds) < RTOL
+    assert relative_error(ort_output(path, feeds), want, feeds) > 100 * RTOL  # the step did change the model
