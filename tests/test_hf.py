@@ -14,8 +14,10 @@ from typer.testing import CliRunner
 
 from onnxgrow import api
 from onnxgrow.cli import app
+from onnxgrow.errors import OnnxgrowError
 from onnxgrow.weights import model_roles
 
+from conftest import load_builder
 from helpers import zoo_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every folder here is local
@@ -198,3 +200,67 @@ def test_trained_weights_come_back(exported, tmp_path, name):
     want = hf_output(model, feeds)
     assert relative_error(ort_output(trained, feeds), want, feeds) < RTOL
     assert relative_error(ort_output(path, feeds), want, feeds) > 100 * RTOL  # the step did change the model
+
+
+# Families outside the zoo, built here (tiny, random, TorchScript opset 17) as the zoo builds its own.
+# Mistral computes what Llama computes over a graph's full causal mask, so it exports as Llama.
+OTHER_FAMILIES = {
+    "distilbert": ("bert", "DistilBertModel", dict(dim=64, n_layers=2, n_heads=4, hidden_dim=160)),
+    "roberta": ("bert", "RobertaModel", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                             intermediate_size=160, max_position_embeddings=130)),
+    "mistral": ("llama", "LlamaForCausalLM", dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                                  num_attention_heads=4, num_key_value_heads=2)),
+    "qwen2": ("llama", "Qwen2ForCausalLM", dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                                num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)),
+    "phi": ("llama", None, dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                                partial_rotary_factor=0.5)),
+    "gemma": ("llama", None, dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=16)),
+}
+HF_CLASSES = {"distilbert": ("DistilBertConfig", "DistilBertModel"), "roberta": ("RobertaConfig", "RobertaModel"),
+              "mistral": ("MistralConfig", "MistralForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+              "phi": ("PhiConfig", "PhiForCausalLM"), "gemma": ("GemmaConfig", "GemmaForCausalLM")}
+
+
+@pytest.fixture(scope="module")
+def other_family(tmp_path_factory):
+    """name -> an ONNX export (TorchScript, opset 17) of a tiny random model of that family."""
+    builder, root, done = load_builder(), tmp_path_factory.mktemp("families"), {}
+
+    def get(name):
+        if name not in done:
+            zoo_family, _, sizes = OTHER_FAMILIES[name]
+            config_cls, model_cls = (getattr(transformers, c) for c in HF_CLASSES[name])
+            torch.manual_seed(0)
+            extra = {"add_pooling_layer": False} if name == "roberta" else {}  # as the zoo's BERT: no pooler
+            model = model_cls(config_cls(vocab_size=1000, attn_implementation="eager", **sizes), **extra).eval()
+            builder.randomize_norms_and_biases(model, 1)
+            spec = builder.Spec(f"{name}-ts17", zoo_family, "torchscript", 17,
+                                dict(builder.TINY, no_token_types=name == "distilbert"))
+            path = root / f"{name}.onnx"
+            with builder.quiet():
+                builder.export_torchscript(spec, model, path)
+            done[name] = path
+        return done[name]
+    return get
+
+
+@pytest.mark.parametrize("name", ["distilbert", "roberta", "mistral", "qwen2"])
+def test_other_families_export_and_come_back(other_family, tmp_path, name):
+    path = other_family(name)
+    folder = api.export_hf(path, tmp_path / "hf")
+    assert json.loads((folder / "config.json").read_text())["architectures"] == [OTHER_FAMILIES[name][1]]
+    model = load_hf(folder)
+    feeds = example_feeds(path, model.config.vocab_size)
+    feeds["input_ids"][0, -1] = 1  # a padding id (RoBERTa's positions skip it)
+    assert relative_error(hf_output(model, feeds), ort_output(path, feeds), feeds) < RTOL
+    back = api.import_hf(folder, path)
+    assert [t.raw_data for t in onnx.load(str(path)).graph.initializer] == [t.raw_data for t in back.graph.initializer]
+
+
+@pytest.mark.parametrize("name, reason", [("gemma", "token embeddings scaled by 8"),
+                                          ("phi", "separate Q, K, V projections")])
+def test_unmapped_families_are_refused(other_family, tmp_path, name, reason):
+    with pytest.raises(OnnxgrowError, match=reason):
+        api.export_hf(other_family(name), tmp_path / "hf")
+    assert list(tmp_path.iterdir()) == []

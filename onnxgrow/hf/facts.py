@@ -159,3 +159,43 @@ def position_offset(spec: TransformerSpec) -> int:
             break
         v = node.inputs[0]
     return 0
+
+
+def embedding_scale(spec: TransformerSpec) -> float:
+    """A constant the token embeddings are multiplied by before the first block (Gemma's sqrt(hidden)), else 1."""
+    v = spec.token_embedding
+    for _ in range(4):
+        nodes = [c for c in v.consumers() if c.op_type not in SHAPE_OF]
+        if len(nodes) != 1:
+            return 1.0
+        node = nodes[0]
+        if node.op_type == "Mul":
+            value = constant(spec, node.inputs[1] if node.inputs[0] is v else node.inputs[0])
+            return float(value.reshape(())) if value is not None and value.size == 1 else 1.0
+        if node.op_type not in ("Gather", "Cast"):
+            return 1.0
+        v = node.outputs[0]
+    return 1.0
+
+
+def padding_id(spec: TransformerSpec) -> int | None:
+    """The token id that position ids skip (RoBERTa: positions count the tokens that are not padding),
+    read from the Equal that compares the ids with a constant on the way into the position table."""
+    table = spec.position_embedding
+    lookups = [c for c in table.consumers() if c.op_type == "Gather"] if table is not None else []
+    if not lookups:
+        return None
+    seen, todo = set(), deque([lookups[0].inputs[1]])
+    while todo:
+        v = todo.popleft()
+        node = v.producer() if v is not None else None
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op_type == "Equal":
+            values = [constant(spec, i) for i in node.inputs]
+            found = [int(x.reshape(())) for x in values if x is not None and x.size == 1]
+            if found:
+                return found[0]
+        todo.extend(i for i in node.inputs if i is not None and not i.is_initializer())
+    return None

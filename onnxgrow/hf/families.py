@@ -34,10 +34,15 @@ class Layout:
 def choose(spec: TransformerSpec, roles: dict) -> Layout:
     """The Hugging Face layout for `spec`, or UnsupportedGraph naming what does not fit."""
     common_checks(spec)
+    if spec.norm_position == "post" and spec.token_type_embedding is None:
+        return distilbert(spec, roles)
     if spec.norm_position == "post":
         return bert(spec, roles)
     if spec.positional == "rotary" and spec.norm == "rmsnorm":
         return llama(spec, roles)
+    if spec.positional == "rotary" and not spec.blocks[0].attention.fused_qkv:
+        raise UnsupportedGraph("no transformers class fits: LayerNorm blocks with rotary positions and separate "
+                               "Q, K, V projections (Phi's shape) are not mapped")
     if spec.positional == "rotary":
         return neox(spec, roles)
     if spec.positional == "learned" and spec.blocks[0].attention.fused_qkv:
@@ -56,6 +61,9 @@ def common_checks(spec: TransformerSpec) -> None:
         raise UnsupportedGraph("a block without an FFN has no transformers class")
     if spec.activation == "unknown":
         raise UnsupportedGraph("the FFN's activation is not one transformers names")
+    scale = facts.embedding_scale(spec)
+    if scale != 1.0:
+        raise UnsupportedGraph(f"token embeddings scaled by {scale:g} (as Gemma does): no mapped transformers class")
 
 
 def require(cond: bool, family: str, what: str) -> None:
@@ -182,18 +190,23 @@ def bert(spec: TransformerSpec, roles: dict) -> Layout:
     require(not spec.blocks[0].attention.fused_qkv, "BERT", "separate Q, K and V projections")
     require(s["kv_heads"] == s["heads"] and s["heads"] * s["head_dim"] == s["hidden"], "BERT",
             "heads x head_dim = hidden and no grouped KV")
-    require(spec.positional == "learned" and facts.position_offset(spec) == 0, "BERT",
-            "learned positions counted from 0")
+    offset = facts.position_offset(spec)
+    roberta = offset > 0
+    require(spec.positional == "learned" and (offset == 0 or facts.padding_id(spec) == offset), "BERT",
+            "learned positions counted from 0 (RoBERTa: from the padding id + 1, skipping padding)")
     mlm = spec.lm_head is not None
-    arch = "BertForMaskedLM" if mlm else "BertModel"
+    require(not (mlm and roberta), "RoBERTa", "no MLM head (RobertaForMaskedLM is not mapped)")
+    arch = "BertForMaskedLM" if mlm else "RobertaModel" if roberta else "BertModel"
     types = spec.token_type_embedding.const_value.shape[0] if spec.token_type_embedding is not None else 2
-    config = base_config(arch, "bert", spec) | {
+    config = base_config(arch, "roberta" if roberta else "bert", spec) | {
         "hidden_size": s["hidden"], "num_hidden_layers": s["layers"], "num_attention_heads": s["heads"],
         "intermediate_size": s["ffn"], "hidden_act": spec.activation, "layer_norm_eps": eps_of(spec),
         "max_position_embeddings": spec.position_embedding.const_value.shape[0], "type_vocab_size": types,
         "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
     if not mlm:
         config["tie_word_embeddings"] = True  # no output embedding to tie; the transformers default
+    if roberta:
+        config["pad_token_id"] = offset
     b = "bert." if mlm else ""
     layout = Layout(config, "bert.")
     layout.add(b + "embeddings.word_embeddings.weight", "embed.tokens", roles)
@@ -307,4 +320,38 @@ def neox(spec: TransformerSpec, roles: dict) -> Layout:
     layout.add(g + "final_layer_norm.weight", "final_norm.weight", roles)
     layout.add(g + "final_layer_norm.bias", "final_norm.bias", roles)
     lm_head(layout, spec, roles, "embed_out.weight")
+    return layout
+
+
+def distilbert(spec: TransformerSpec, roles: dict) -> Layout:
+    """DistilBertModel: BERT's post-norm blocks without a token-type table."""
+    s = sizes(spec)
+    require(spec.norm == "layernorm" and spec.blocks[0].ffn.gate is None, "DistilBERT", "LayerNorm and an ungated FFN")
+    require(not spec.blocks[0].attention.fused_qkv, "DistilBERT", "separate Q, K and V projections")
+    require(s["kv_heads"] == s["heads"] and s["heads"] * s["head_dim"] == s["hidden"], "DistilBERT",
+            "heads x head_dim = hidden and no grouped KV")
+    require(spec.positional == "learned" and facts.position_offset(spec) == 0, "DistilBERT",
+            "learned positions counted from 0")
+    require(spec.lm_head is None, "DistilBERT", "no MLM head (DistilBertForMaskedLM is not mapped)")
+    require(eps_of(spec) == 1e-12, "DistilBERT", "LayerNorm epsilon 1e-12")
+    require(spec.activation in ("gelu", "relu"), "DistilBERT", "a gelu or relu FFN")
+    config = base_config("DistilBertModel", "distilbert", spec) | {
+        "dim": s["hidden"], "n_layers": s["layers"], "n_heads": s["heads"], "hidden_dim": s["ffn"],
+        "activation": spec.activation, "max_position_embeddings": spec.position_embedding.const_value.shape[0],
+        "sinusoidal_pos_embds": False, "dropout": 0.0, "attention_dropout": 0.0, "tie_word_embeddings": True}
+    layout = Layout(config, "distilbert.")
+    layout.add("embeddings.word_embeddings.weight", "embed.tokens", roles)
+    layout.add("embeddings.position_embeddings.weight", "embed.positions", roles)
+    layout.add("embeddings.LayerNorm.weight", "layers.0.norm0.weight", roles)
+    layout.add("embeddings.LayerNorm.bias", "layers.0.norm0.bias", roles)
+    for i in range(s["layers"]):
+        h, r = f"transformer.layer.{i}.", f"layers.{i}."
+        for hf, role in (("attention.q_lin", "attn.q"), ("attention.k_lin", "attn.k"), ("attention.v_lin", "attn.v"),
+                         ("attention.out_lin", "attn.o"), ("ffn.lin1", "ffn.up"), ("ffn.lin2", "ffn.down")):
+            layout.add(h + hf + ".weight", r + role, roles)
+            layout.add(h + hf + ".bias", r + role + ".bias", roles)
+        out_norm = f"layers.{i + 1}.norm0" if i + 1 < s["layers"] else "last_norm"
+        for hf, role in (("sa_layer_norm", r + "norm1"), ("output_layer_norm", out_norm)):
+            layout.add(h + hf + ".weight", role + ".weight", roles)
+            layout.add(h + hf + ".bias", role + ".bias", roles)
     return layout
