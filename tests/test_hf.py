@@ -30,7 +30,8 @@ runner = CliRunner()
 
 # every family of the zoo, TorchScript opset 17 and one dynamo export of each
 FORMS = ["gpt2-ts17", "bert-ts17", "bert-mlm-ts17", "minilm-ts17", "llama-gqa-ts17", "neox-ts17", "opt-ts17",
-         "gpt2-dynamo18", "bert-dynamo18", "llama-gqa-dynamo18", "neox-dynamo18", "opt-dynamo18"]
+         "gpt2-dynamo18", "bert-dynamo18", "llama-gqa-dynamo18", "neox-dynamo18", "opt-dynamo18",
+         "gpt2-fresh-dynamo18"]  # zero biases dropped by the exporter: the class gets zeros
 
 
 def auto_class(config: dict):
@@ -200,6 +201,16 @@ def test_trained_weights_come_back(exported, tmp_path, name):
     want = hf_output(model, feeds)
     assert relative_error(ort_output(trained, feeds), want, feeds) < RTOL
     assert relative_error(ort_output(path, feeds), want, feeds) > 100 * RTOL  # the step did change the model
+
+
+def test_a_trained_bias_the_graph_lacks_is_refused(exported, tmp_path):
+    path, folder = exported("gpt2-fresh-dynamo18")
+    model = load_hf(folder)
+    train_one_step(model, example_feeds(path, model.config.vocab_size))
+    model.save_pretrained(tmp_path / "trained")
+    with pytest.raises(OnnxgrowError, match="no longer zero"):
+        api.import_hf(tmp_path / "trained", path, output=tmp_path / "trained.onnx")
+    assert not (tmp_path / "trained.onnx").exists()
 
 
 # Families outside the zoo, built here (tiny, random, TorchScript opset 17) as the zoo builds its own.

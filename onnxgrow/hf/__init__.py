@@ -73,6 +73,11 @@ def export_hf(model, out_dir, *, tokenizer=None, force: bool = False) -> Path:
         t = tensor_from_ir(m.graph.initializers[name].const_value)
         # the file layout is the role's ([out, in]) unless the class stores [in, out]
         tensors[hf] = (t.t() if role_transposed != transposed else t).contiguous()
+    for hf, owner in layout.zeros.items():
+        name, owner_transposed = roles[owner]
+        weight = m.graph.initializers[name].const_value
+        width = weight.shape[1] if owner_transposed else weight.shape[0]  # the role's first axis: out features
+        tensors[hf] = torch.zeros(width, dtype=tensor_from_ir(weight).dtype)
     tokenizer_files = find_tokenizer(tokenizer, model)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".onnxgrow-hf-", dir=out_dir.parent))
@@ -164,12 +169,22 @@ def import_hf(folder, model, out_path=None, *, force: bool = False):
         if value is None:
             raise OnnxgrowError(f"{folder} lacks {hf}")
         role_values[role] = value.t() if transposed else value
+    for hf in layout.zeros:
+        value = checkpoint_tensor(tensors, hf, layout.prefix)
+        if value is not None and bool(value.any()):
+            raise OnnxgrowError(f"{hf} is no longer zero, and the graph has no bias there (its exporter dropped "
+                                "an all-zero one): freeze it in training, or export from a graph that keeps it")
     if "lm_head" in roles and "lm_head" not in role_values:  # tied: the head is the token table
         role_values["lm_head"] = role_values["embed.tokens"]
     values = {}
     for role, value in role_values.items():
         name, transposed = roles[role]
-        values[name] = (value.t() if transposed else value).contiguous()
+        value = (value.t() if transposed else value).contiguous()
+        if name in values and not torch.equal(values[name], value):
+            # the exporter merged equal parameters (a fresh model's norms) and training parted them
+            raise OnnxgrowError(f"{role} and another tensor share initializer {name!r} in the graph but now "
+                                "hold different values: re-export the model without merged parameters")
+        values[name] = value
     proto = write_assignments(model, roles, values)
     if out_path is not None:
         import onnx_ir as ir

@@ -23,11 +23,20 @@ class Layout:
     config: dict
     prefix: str  # the base model's prefix in the head model's state dict ("transformer.", "model.", ...)
     entries: list[Entry] = field(default_factory=list)
+    # hf name -> the role of the weight it belongs to, for biases the graph does not have: exporters drop
+    # an all-zero bias (a freshly initialised model's), and the class's is then zeros of the weight's width
+    zeros: dict[str, str] = field(default_factory=dict)
 
     def add(self, hf: str, role: str, roles: dict, transposed: bool = False, optional: bool = False) -> None:
+        base = role.removesuffix(".bias")
+        owner = base + ".weight" if base + ".weight" in roles else base  # a norm's weight, or the projection
         if role in roles:
             self.entries.append((hf, role, transposed))
-        elif not optional:
+        elif optional:
+            return
+        elif role.endswith(".bias") and owner in roles:
+            self.zeros[hf] = owner
+        else:
             raise UnsupportedGraph(f"{self.config['architectures'][0]} needs {hf}, the graph has no {role}")
 
 
