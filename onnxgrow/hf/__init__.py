@@ -72,6 +72,8 @@ def export_hf(model, out_dir, *, tokenizer=None, force: bool = False) -> Path:
         name, role_transposed = roles[role]
         t = tensor_from_ir(m.graph.initializers[name].const_value)
         # the file layout is the role's ([out, in]) unless the class stores [in, out]
+        if t.ndim > 2:  # a static export's folded lookup, [batch, positions, hidden]: the rows it holds
+            t = folded_rows(t, hf)
         tensors[hf] = (t.t() if role_transposed != transposed else t).contiguous()
     for hf, owner in layout.zeros.items():
         name, owner_transposed = roles[owner]
@@ -92,6 +94,14 @@ def export_hf(model, out_dir, *, tokenizer=None, force: bool = False) -> Path:
             shutil.rmtree(tmp)
     log.info("wrote %s (%s, %d tensors)", out_dir, layout.config["architectures"][0], len(tensors))
     return out_dir
+
+
+def folded_rows(t: torch.Tensor, hf: str) -> torch.Tensor:
+    """The [positions, hidden] rows of a lookup folded for every sequence of a static batch."""
+    rows = t.reshape(-1, *t.shape[-2:])
+    if not all(torch.equal(rows[0], r) for r in rows[1:]):
+        raise OnnxgrowError(f"{hf}: the graph's folded lookup differs between sequences of the batch")
+    return rows[0]
 
 
 def unplaced_weights(spec: TransformerSpec, roles: dict, layout: Layout) -> list[str]:
@@ -180,6 +190,9 @@ def import_hf(folder, model, out_path=None, *, force: bool = False):
     for role, value in role_values.items():
         name, transposed = roles[role]
         value = (value.t() if transposed else value).contiguous()
+        stored = tuple(m.graph.initializers[name].const_value.shape)
+        if len(stored) > 2 and tuple(value.shape) == stored[-2:]:
+            value = value.expand(stored).contiguous()  # back into a folded lookup's [batch, positions, hidden]
         if name in values and not torch.equal(values[name], value):
             # the exporter merged equal parameters (a fresh model's norms) and training parted them
             raise OnnxgrowError(f"{role} and another tensor share initializer {name!r} in the graph but now "

@@ -91,7 +91,32 @@ def rotary(spec: TransformerSpec) -> tuple[float, int, int | None]:
             # row 1 holds cos and sin of 1 * inv_freq; every frequency is below pi
             freqs = np.arctan2(sin[1].astype(np.float64), cos[1].astype(np.float64))
             return geometric_base(freqs, node) + (cos.shape[0],)
+    folded = folded_tables(spec)
+    if folded is not None:
+        cos, sin = folded
+        n = cos.shape[-1] // 2  # HF's tables are cat(angles, angles)
+        freqs = np.arctan2(sin[1, :n].astype(np.float64), cos[1, :n].astype(np.float64))
+        return geometric_base(freqs, spec.blocks[0].attention.q_proj) + (None,)
     raise UnsupportedGraph("rotary frequencies not found (no Cos of position x frequency, no constant cos table)")
+
+
+def folded_tables(spec: TransformerSpec) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cos and sin tables a static-shape export folded into constants ([..., positions, width]),
+    found as the constant factors of the Muls between the Q projection and the scores: cos starts
+    with a row of ones (position 0), sin with a row of zeros."""
+    tables, seen, todo = [], set(), deque(spec.blocks[0].attention.q_proj.outputs)
+    while todo:
+        for node in todo.popleft().consumers():
+            if id(node) in seen or node.op_type == "MatMul":
+                continue
+            seen.add(id(node))
+            if node.op_type == "Mul":
+                tables += [t for t in (constant(spec, i) for i in node.inputs) if t is not None and t.ndim >= 2]
+            todo.extend(node.outputs)
+    rows = [t.reshape(-1, t.shape[-1]) for t in tables]
+    cos = [t for t in rows if t.shape[0] >= 2 and np.all(t[0] == 1)]
+    sin = [t for t in rows if t.shape[0] >= 2 and np.all(t[0] == 0)]
+    return (cos[0], sin[0]) if cos and sin else None
 
 
 def frequencies_behind(spec: TransformerSpec, cos: ir.Node) -> np.ndarray:
@@ -113,7 +138,7 @@ def frequencies_behind(spec: TransformerSpec, cos: ir.Node) -> np.ndarray:
 def geometric_base(freqs: np.ndarray, node: ir.Node) -> tuple[float, int]:
     """inv_freq[i] = base ** (-i / n) for n frequencies over a rotated width of 2n (plain RoPE)."""
     n = len(freqs)
-    if n < 2 or freqs[0] != 1.0 or np.any(freqs <= 0):
+    if n < 2 or abs(freqs[0] - 1.0) > 1e-5 or np.any(freqs <= 0):
         raise UnsupportedGraph(f"rotary frequencies {freqs[:3].tolist()}... are not a plain RoPE series", node)
     base = float(freqs[1] ** -n)
     expected = base ** (-np.arange(n) / n)

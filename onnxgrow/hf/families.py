@@ -132,7 +132,7 @@ def gpt2(spec: TransformerSpec, roles: dict) -> Layout:
     require(facts.position_offset(spec) == 0, "GPT-2", "positions counted from 0")
     config = base_config("GPT2LMHeadModel", "gpt2", spec) | {
         "n_embd": s["hidden"], "n_layer": s["layers"], "n_head": s["heads"], "n_inner": s["ffn"],
-        "n_positions": spec.position_embedding.const_value.shape[0], "activation_function": spec.activation,
+        "n_positions": spec.position_embedding.const_value.shape[-2], "activation_function": spec.activation,
         "layer_norm_epsilon": eps_of(spec), "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
     layout = Layout(config, "transformer.")
     t = "transformer."
@@ -164,7 +164,7 @@ def opt(spec: TransformerSpec, roles: dict) -> Layout:
     offset = facts.position_offset(spec)
     require(offset == 2, "OPT", f"positions offset by 2 (this graph adds {offset})")
     require(abs(eps_of(spec) - 1e-5) < 1e-12, "OPT", "LayerNorm epsilon 1e-5")
-    rows = spec.position_embedding.const_value.shape[0]
+    rows = spec.position_embedding.const_value.shape[-2]
     config = base_config("OPTForCausalLM", "opt", spec) | {
         "hidden_size": s["hidden"], "num_hidden_layers": s["layers"], "num_attention_heads": s["heads"],
         "ffn_dim": s["ffn"], "max_position_embeddings": rows - offset, "word_embed_proj_dim": s["hidden"],
@@ -206,11 +206,11 @@ def bert(spec: TransformerSpec, roles: dict) -> Layout:
     mlm = spec.lm_head is not None
     require(not (mlm and roberta), "RoBERTa", "no MLM head (RobertaForMaskedLM is not mapped)")
     arch = "BertForMaskedLM" if mlm else "RobertaModel" if roberta else "BertModel"
-    types = spec.token_type_embedding.const_value.shape[0] if spec.token_type_embedding is not None else 2
+    types = spec.token_type_embedding.const_value.shape[-2] if spec.token_type_embedding is not None else 2
     config = base_config(arch, "roberta" if roberta else "bert", spec) | {
         "hidden_size": s["hidden"], "num_hidden_layers": s["layers"], "num_attention_heads": s["heads"],
         "intermediate_size": s["ffn"], "hidden_act": spec.activation, "layer_norm_eps": eps_of(spec),
-        "max_position_embeddings": spec.position_embedding.const_value.shape[0], "type_vocab_size": types,
+        "max_position_embeddings": spec.position_embedding.const_value.shape[-2], "type_vocab_size": types,
         "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
     if not mlm:
         config["tie_word_embeddings"] = True  # no output embedding to tie; the transformers default
@@ -346,7 +346,7 @@ def distilbert(spec: TransformerSpec, roles: dict) -> Layout:
     require(spec.activation in ("gelu", "relu"), "DistilBERT", "a gelu or relu FFN")
     config = base_config("DistilBertModel", "distilbert", spec) | {
         "dim": s["hidden"], "n_layers": s["layers"], "n_heads": s["heads"], "hidden_dim": s["ffn"],
-        "activation": spec.activation, "max_position_embeddings": spec.position_embedding.const_value.shape[0],
+        "activation": spec.activation, "max_position_embeddings": spec.position_embedding.const_value.shape[-2],
         "sinusoidal_pos_embds": False, "dropout": 0.0, "attention_dropout": 0.0, "tie_word_embeddings": True}
     layout = Layout(config, "distilbert.")
     layout.add("embeddings.word_embeddings.weight", "embed.tokens", roles)
