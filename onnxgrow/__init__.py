@@ -8,12 +8,13 @@
     onnxgrow.validate(source, target)            # compare outputs in ONNX Runtime: a Report
     onnxgrow.dequantize(model)                   # int4/int8 weights to float, before growing
     onnxgrow.train(model, data, steps=100)       # with the `train` extra (torch)
+    onnxgrow.export_hf(model, "hf/")             # a Hugging Face transformers folder; import_hf back
 
 A model is a path, an onnx.ModelProto or an onnx_ir.Model; the result has the kind given (a
 ModelProto for a path). See onnxgrow/api.py. Importing onnxgrow does not import torch.
 """
 
-from .api import deepen, dequantize, inspect, structure, subclone, validate, widen  # noqa: F401
+from .api import deepen, dequantize, export_hf, import_hf, inspect, structure, subclone, validate, widen  # noqa: F401
 from .errors import OnnxgrowError  # noqa: F401
 
 __version__ = "0.1.0"

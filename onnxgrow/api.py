@@ -301,3 +301,34 @@ def train(model, data, *, output=None, return_summary: bool = False, **options):
         trained = onnx.load(str(summary["output"]))  # weights in memory: the folder may be temporary
     result = modelio.same_kind(modelio.as_ir(trained, copy=False), model)
     return (result, summary) if return_summary else result
+
+
+def export_hf(model, out_dir, *, tokenizer=None, force: bool = False) -> Path:
+    """Write `model` as a Hugging Face transformers folder (config.json, model.safetensors, and the
+    tokenizer files given or found beside a model path) that `from_pretrained` loads without custom
+    code. A structure no transformers class computes is refused (OnnxgrowError), nothing written.
+
+    Args:
+        model: a path, an onnx.ModelProto or an onnx_ir.Model.
+        out_dir: the folder to write (replaced only with force=True).
+        tokenizer: a tokenizer file or folder to copy in.
+    Returns:
+        the folder's path.
+    """
+    from . import hf
+    return hf.export_hf(model, out_dir, tokenizer=tokenizer, force=force)
+
+
+def import_hf(folder, model, *, output=None, force: bool = False):
+    """`model` with its weights replaced by a Hugging Face folder's (as export_hf wrote it, trained
+    in any stack): the same graph, in its own form. Written to `output` when given.
+
+    Args:
+        folder: the Hugging Face model folder (config.json, model.safetensors or a sharded index).
+        model: the ONNX graph it was exported from: a path, an onnx.ModelProto or an onnx_ir.Model.
+    Returns:
+        the updated model, of the kind given (a ModelProto for a path).
+    """
+    from . import hf
+    proto = hf.import_hf(folder, model, output, force=force)
+    return modelio.same_kind(modelio.as_ir(proto, copy=False), model)

@@ -440,6 +440,30 @@ def import_weights(model: Path, weights: Path,
     out.print(f"wrote {output}")
 
 
+@app.command("export-hf")
+@one_line_errors
+def export_hf(model: Path, output: Path = typer.Option(..., "--output", "-o", help="the folder to write"),
+              tokenizer: Optional[Path] = typer.Option(None, help="tokenizer file or folder to copy in "
+                                                       "(default: tokenizer files beside MODEL)"),
+              force: bool = typer.Option(False, help="replace an existing folder")):
+    """Write MODEL as a Hugging Face transformers folder (config.json, model.safetensors) that
+    from_pretrained loads with no custom code."""
+    folder = api.export_hf(model, output, tokenizer=tokenizer, force=force)
+    config = json.loads((folder / "config.json").read_text())
+    out.print(f"wrote {folder} ({config['architectures'][0]})")
+
+
+@app.command("import-hf")
+@one_line_errors
+def import_hf(folder: Path, model: Path, output: Path = typer.Option(..., "--output", "-o"),
+              force: bool = typer.Option(False, help="replace an existing output")):
+    """Put the weights of a Hugging Face folder (from export-hf, trained anywhere) back into MODEL,
+    the ONNX graph it was exported from."""
+    from . import hf
+    hf.import_hf(folder, model, output, force=force)
+    out.print(f"wrote {output}")
+
+
 @app.command()
 @one_line_errors
 def demo(output_dir: Path = typer.Option(Path("out"), help="where to write the grown model")):

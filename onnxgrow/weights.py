@@ -106,13 +106,24 @@ def norm_roles(norm, prefix: str, roles: dict) -> None:
 
 
 def model_roles(model) -> tuple[ir.Model, dict[str, tuple[str, bool]]]:
+    m, _, roles = spec_and_roles(model)
+    return m, roles
+
+
+def spec_and_roles(model, extra=None) -> tuple[ir.Model, TransformerSpec, dict[str, tuple[str, bool]]]:
+    """The model, its TransformerSpec and its roles; `extra(spec)` may add roles (same form) that
+    only one consumer of the roles needs (export-hf's post-norm BERT output norm)."""
     m = load_ir(model)
     floats = [name for name, v in m.graph.initializers.items()
               if v.const_value is not None and int(v.const_value.dtype) in FLOAT_TYPES]
     spec = api.structure(m)  # matched on a normalized copy, whose deduplicated parameters have own names
     aliases = spec.model.graph.meta.get("onnxgrow_aliases", {})
+    roles = roles_of(spec, floats)
+    if extra is not None:
+        added = extra(spec)
+        roles = {r: v for r, v in roles.items() if not (r.startswith("other.") and v in added.values())} | added
     # in the graph as exported such a parameter is its twin: the roles share that initializer
-    return m, {role: (aliases.get(name, name), t) for role, (name, t) in roles_of(spec, floats).items()}
+    return m, spec, {role: (aliases.get(name, name), t) for role, (name, t) in roles.items()}
 
 
 def export_weights(model, out_path, *, force: bool = False) -> Path:
@@ -174,8 +185,12 @@ def assignments(roles: dict, tensors: dict, strict: bool) -> dict[str, torch.Ten
 def load_weights(model, path, *, strict: bool = True) -> onnx.ModelProto:
     """`model` with its initializers replaced from a file written by export_weights. Shapes must
     match; `strict` also requires the file and the model to have the same roles."""
-    m, roles = model_roles(model)
-    values = assignments(roles, read_weights(path), strict)
+    _, roles = model_roles(model)
+    return write_assignments(model, roles, assignments(roles, read_weights(path), strict))
+
+
+def write_assignments(model, roles: dict, values: dict[str, torch.Tensor]) -> onnx.ModelProto:
+    """A copy of `model` with initializers replaced by `values` (name -> tensor in stored layout)."""
     proto = as_proto(model)
     by_name = {tp.name: tp for tp in proto.graph.initializer}
     for name, value in values.items():
