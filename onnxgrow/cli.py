@@ -469,10 +469,12 @@ def import_hf(folder: Path, model: Path, output: Path = typer.Option(..., "--out
 def demo(output_dir: Path = typer.Option(Path("out"), help="where to write the grown model")):
     """The main job on the embedded tiny GPT-2: inspect, widen x2 by HyperCloning, validate."""
     out.print(f"[bold]source[/bold] {DEFAULT_MODEL}")
-    inspect(DEFAULT_MODEL, as_json=False)
+    inspect(DEFAULT_MODEL, as_json=False, dequantize=False)
     target = output_dir / "tiny-gpt2.widen2x.onnx"
+    # every option given: called as a function, typer's defaults would be its Option objects
     widen(DEFAULT_MODEL, factor=2, hidden=None, heads=None, kv_heads=None, ffn=None,
-          method="hypercloning", noise=0.01, seed=0, output=target, force=True, verify=True, provider="auto")
+          method="hypercloning", noise=0.01, seed=0, output=target, force=True, verify=True, provider="auto",
+          dequantize=False, as_json=False)
 
 
 def main():
