@@ -27,7 +27,8 @@ from onnxgrow import training
 from helpers import zoo_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEXT = "".join(inspect.getsource(m) for m in (json.decoder, json.encoder, textwrap))
+# short, so that validation (at most 64 windows, at the start and the end) is a few forwards
+TEXT = "".join(inspect.getsource(m) for m in (json.decoder, json.encoder, textwrap))[:4000]
 RUN = dict(steps=3, batch=8, seq=16, lr=1e-3)
 TIMEOUT = 180  # a hang is a failure, not a stuck test run
 
@@ -149,9 +150,10 @@ def test_an_error_on_one_rank_ends_the_run_with_one_line(setup, tmp_path):
 
 
 def test_accumulating_micro_batches_equals_the_whole_batch(setup, tmp_path):
-    # in one process: 4 micro-batches of 2 step as one batch of 8 (MLM too: the loss is weighted by labels)
+    # in one process, MLM: 4 micro-batches of 2 step as one batch of 8 though their rows hold different
+    # numbers of labels (each micro-batch's loss is weighted by its labels); CLM: the DDP run above
     model, data, _ = setup
-    for objective in ("clm", "mlm"):
+    for objective in ("mlm",):
         whole = single(model, data, tmp_path / f"whole-{objective}.onnx", objective=objective)
         parts = single(model, data, tmp_path / f"parts-{objective}.onnx", objective=objective, micro_batch=2)
         assert parts["layout"] == "single, 1 rank, global batch 8 = 1 x 8 (4 micro-batches of 2)"
