@@ -189,7 +189,10 @@ class FullWeights:
     (float_initializers, initializer, onnx_types); on ranks other than 0 it holds nothing."""
 
     def __init__(self, module):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
         self.module, self.onnx_types = module, module.onnx_types
         self.state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 

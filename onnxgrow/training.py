@@ -325,7 +325,7 @@ class Trainer:
 def plan_layout(batch, micro_batch, fixed_batch, fsdp: bool) -> distributed.Layout:
     """The run's layout. A static-shape export fixes the windows of each forward: the micro-batch is
     its batch, and the global batch defaults to one micro-batch per rank."""
-    world = int(os.environ.get("WORLD_SIZE", 1)) if distributed.launched() else 1
+    world = int(os.environ.get("WORLD_SIZE", "1")) if distributed.launched() else 1
     if fixed_batch is None:
         return distributed.plan(DEFAULT_BATCH if batch is None else batch, micro_batch, fsdp)
     if world == 1 and micro_batch is None:

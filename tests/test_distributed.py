@@ -20,11 +20,11 @@ import textwrap
 import numpy as np
 import onnx
 import pytest
+from helpers import zoo_model
 from onnx import numpy_helper
 from rich.console import Console
 
 from onnxgrow import training
-from helpers import zoo_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # short, so that validation (at most 64 windows, at the start and the end) is a few forwards
