@@ -397,7 +397,12 @@ def train(model: Path = typer.Argument(..., help="ONNX model to continue trainin
           tokenizer: Optional[Path] = typer.Option(None, help="tokenizer.json"),
           use_bytes: bool = typer.Option(False, "--bytes", help="token id = byte value"),
           steps: int = typer.Option(..., help="optimizer steps"),
-          batch: Optional[int] = typer.Option(None, help="windows per step (default 8, or the model's static batch)"),
+          batch: Optional[int] = typer.Option(None, help="windows per step, over all ranks under torchrun "
+                                                         "(default 8, or the model's static batch)"),
+          micro_batch: Optional[int] = typer.Option(None, help="windows per forward on one rank; gradients "
+                                                               "accumulate over a rank's share of --batch"),
+          fsdp: bool = typer.Option(False, "--fsdp", help="under torchrun, shard weights, gradients and "
+                                                          "optimizer state over the ranks (FSDP2)"),
           seq: Optional[int] = typer.Option(None, help="tokens per window (default 128, or the model's static "
                                                        "sequence length)"),
           lr: float = typer.Option(3e-4),
@@ -408,11 +413,16 @@ def train(model: Path = typer.Argument(..., help="ONNX model to continue trainin
           resume: bool = typer.Option(False, help="continue from OUT.ckpt"),
           output: Optional[Path] = typer.Option(None, "--output", "-o"),
           force: bool = typer.Option(False, help="replace an existing output")):
-    """Continue training MODEL in torch and write the trained weights back to ONNX."""
+    """Continue training MODEL in torch and write the trained weights back to ONNX.
+
+    Under torchrun it trains data-parallel: `torchrun --nproc-per-node N -m onnxgrow train ...`."""
     from . import training
     summary = training.train(model, data, tokenizer=tokenizer, use_bytes=use_bytes, steps=steps, batch=batch,
                              seq=seq, lr=lr, device=device, distill_from=distill_from, alpha=alpha,
-                             output=output, resume=resume, objective=objective, force=force, console=out)
+                             output=output, resume=resume, objective=objective, force=force, console=out,
+                             micro_batch=micro_batch, fsdp=fsdp)
+    if summary["rank"] != 0:
+        return  # under torchrun, rank 0 reports
     out.print(f"held-out loss {summary['val_loss_start']:.4f} -> {summary['val_loss_end']:.4f} "
               f"({summary['tokens_per_s']:.0f} tokens/s); wrote {summary['output']}, loss curve {summary['plot']}")
 

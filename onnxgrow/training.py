@@ -32,13 +32,20 @@ loss or weight stops the run (exit 1) before anything is written.
 
 Files next to the output OUT.onnx: OUT.ckpt (module state, optimiser, step, RNG and loss history;
 `resume=True` continues from it) and OUT.loss.png (training and validation loss).
+
+Under torchrun (onnxgrow/distributed.py) `batch` is the global batch: every rank draws it from the same
+RNG and trains on its slice, in micro-batches of `micro_batch` windows; gradients are averaged with DDP,
+or sharded with FSDP2 (`fsdp=True`, then OUT.ckpt is a sharded checkpoint folder). Only rank 0 prints
+and writes; the first line printed names the layout ("ddp, 2 ranks, global batch 8 = 2 x 4").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -46,7 +53,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from . import api, bridge, metadata, modelio, precision
+from . import api, bridge, distributed, metadata, modelio, precision
 from .errors import NOT_PRESERVED, OnnxgrowError
 from .language_model import LanguageModel, choose_objective, loss_terms, make_batch, mask_token, windows
 from .static_shapes import fit
@@ -89,12 +96,14 @@ class Trainer:
 
     step() trains on one random batch; evaluate() gives the held-out loss; save_checkpoint and
     load_checkpoint carry all of the state, so a resumed run takes the same steps as a straight one.
+    `layout` (distributed.Layout) spreads each batch over torchrun's ranks; by default one process.
     """
 
     def __init__(self, student: LanguageModel, train_tokens: np.ndarray, val_tokens: np.ndarray, *,
                  objective: str, steps: int, batch: int, seq: int, lr: float, mask_id: int,
                  device=torch.device("cpu"), teacher: LanguageModel | None = None, alpha: float = 0.5,
-                 seed: int = 0, model_path=None, fixed_batch: bool = False):
+                 seed: int = 0, model_path=None, fixed_batch: bool = False,
+                 layout: distributed.Layout | None = None):
         self.student, self.teacher, self.alpha = student, teacher, alpha
         self.objective, self.mask_id, self.device = objective, mask_id, device
         self.steps, self.batch, self.seq, self.lr = steps, batch, seq, lr  # steps: the schedule's length
@@ -106,9 +115,15 @@ class Trainer:
         if fixed_batch and n_windows:  # a static-shape export takes whole batches only
             n_windows = max(batch, n_windows // batch * batch)
         self.val_starts = np.linspace(0, len(val_tokens) - self.window, n_windows).astype(np.int64)
+        self.layout = layout or distributed.Layout("single", 1, 0, batch, batch)
+        # what the training forward runs: the module, or its DDP wrapper (FSDP shards the module in place)
+        self.trainee = dataclasses.replace(student, module=distributed.wrap(student.module, self.layout))
         trainable = [p for p in student.module.parameters() if p.requires_grad]
         self.precision = precision.choose(trainable, device)
         self.master = precision.MasterWeights(trainable)  # float32 copies of half-precision weights
+        if self.layout.sharded and self.master.state():
+            raise OnnxgrowError("--fsdp trains float32 weights only; this model's are float16/bfloat16 "
+                                "(train it without --fsdp)")
         self.loss_scale = precision.LossScale(self.precision.loss_scaling)
         self.optimizer = make_optimizer(self.master.params(), lr)
         log.debug("precision: %s", self.precision.describe())
@@ -122,12 +137,14 @@ class Trainer:
     @classmethod
     def build(cls, m: ir.Model, data_path, *, tokenizer=None, use_bytes=False, steps, batch, seq, lr,
               device, objective="auto", val_fraction=0.1, seed=0, distill_from=None, alpha=0.5,
-              model_path=None) -> "Trainer":
+              model_path=None, micro_batch=None, fsdp=False) -> "Trainer":
         """A Trainer for model `m` on the tokens of `data_path` (text or .npy), the last `val_fraction`
-        held out; `distill_from` is the path of a teacher model."""
+        held out; `distill_from` is the path of a teacher model. `batch` is the global batch, run in
+        micro-batches of `micro_batch` windows on each of torchrun's ranks (distributed.plan)."""
         spec = api.structure(m)
         fixed_batch, fixed_seq = spec.static_shape()
-        batch = fit("--batch", batch, fixed_batch, DEFAULT_BATCH)
+        layout = plan_layout(batch, micro_batch, fixed_batch, fsdp)
+        batch = layout.batch
         seq = fit("--seq", seq, fixed_seq, DEFAULT_SEQ)
         student = LanguageModel.build(m, spec, device)
         if objective == "auto":
@@ -142,13 +159,14 @@ class Trainer:
         teacher = load_teacher(distill_from, student.vocab, device) if distill_from is not None else None
         return cls(student, train_tokens, val_tokens, objective=objective, steps=steps, batch=batch, seq=seq,
                    lr=lr, mask_id=mask_id, device=device, teacher=teacher, alpha=alpha, seed=seed,
-                   model_path=model_path, fixed_batch=fixed_batch is not None)
+                   model_path=model_path, fixed_batch=fixed_batch is not None, layout=layout)
 
-    def loss(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy on the labelled positions, mixed with KL to the teacher when there is one."""
+    def loss(self, ids: torch.Tensor, labels: torch.Tensor, model: LanguageModel | None = None) -> torch.Tensor:
+        """Cross-entropy on the labelled positions, mixed with KL to the teacher when there is one.
+        `model`: what runs the student (the training wrapper), by default the student itself."""
         autocast = self.precision.autocast
         with torch.autocast(self.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-            logits = self.student.logits(ids)
+            logits = (model or self.student).logits(ids)
             t_logits = None
             if self.teacher is not None:
                 with torch.no_grad():
@@ -167,7 +185,10 @@ class Trainer:
         return ids.to(self.device), labels.to(self.device)
 
     def step(self) -> float:
-        """One optimiser step on a random batch of training windows; returns its loss."""
+        """One optimiser step on a random global batch of training windows; returns its loss.
+
+        Every rank draws the whole global batch (and its MLM masks) from the same RNG, then trains on
+        its slice: the batch is the same windows whatever the number of ranks, and the RNGs stay equal."""
         t0 = time.perf_counter()
         starts = self.rng.integers(0, len(self.train_tokens) - self.window + 1, self.batch)
         ids, labels = self.batch_of(self.train_tokens, starts, self.rng)
@@ -175,20 +196,39 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.student.module.train()
-        loss = self.loss(ids, labels)
-        value = loss.item()  # syncs, so the timing below is the step's real time
-        precision.check_finite_loss(value, self.steps_done, lr, updated=self.updated)
         self.student.module.zero_grad(set_to_none=True)
         self.optimizer.zero_grad(set_to_none=True)
         scale = self.loss_scale.value
-        (loss * scale if scale != 1.0 else loss).backward()
+        value = self.accumulate(ids, labels, scale)  # syncs, so the timing below is the step's real time
+        precision.check_finite_loss(value, self.steps_done, lr, updated=self.updated)
         self.master.take_grads(scale)
         self.apply_gradients(lr)
         self.losses.append(value)
         self.train_time += time.perf_counter() - t0
-        self.tokens_seen += ids.numel()
+        self.tokens_seen += ids.numel()  # the global batch's: tokens/s of the whole run
         self.steps_done += 1
         return self.losses[-1]
+
+    def accumulate(self, ids: torch.Tensor, labels: torch.Tensor, scale: float) -> float:
+        """Forward and backward this rank's slice of the global batch, micro-batch by micro-batch;
+        returns the global batch's loss.
+
+        A micro-batch's mean loss is weighted by its share of the global batch's labelled positions
+        (times the ranks, as DDP and FSDP average gradients over them): the gradient is the global
+        batch's mean however it is split, also for MLM, whose rows hold different numbers of labels."""
+        total = int((labels != -100).sum())
+        share = self.layout.share(len(ids))
+        ids, labels = ids[share], labels[share]
+        micro, world, value = self.layout.micro, self.layout.world, 0.0
+        for i in range(0, len(ids), micro):
+            x, y = ids[i:i + micro], labels[i:i + micro]
+            weight = int((y != -100).sum()) * world / total
+            with distributed.no_sync(self.trainee.module, last=i + micro >= len(ids)):
+                loss = self.loss(x, y, self.trainee)
+                loss = loss * weight if weight != 1.0 else loss
+                (loss * scale if scale != 1.0 else loss).backward()
+            value += loss.item() / world
+        return distributed.sum_over_ranks(value, self.device)
 
     def apply_gradients(self, lr: float) -> None:
         """Clip and step (in float32 for half-precision weights); a float16 overflow skips the step."""
@@ -213,8 +253,9 @@ class Trainer:
         rng = np.random.default_rng(1234)  # its own: evaluating leaves the training data order alone
         self.student.module.eval()
         total, count = 0.0, 0
-        for i in range(0, len(self.val_starts), self.batch):
-            ids, labels = self.batch_of(self.val_tokens, self.val_starts[i:i + self.batch], rng)
+        # every rank runs every window (FSDP gathers weights in each forward: all ranks must take part)
+        for i in range(0, len(self.val_starts), self.layout.micro):
+            ids, labels = self.batch_of(self.val_tokens, self.val_starts[i:i + self.layout.micro], rng)
             total += float(self.loss(ids, labels)) * len(ids)
             count += len(ids)
         self.student.module.train()
@@ -228,27 +269,32 @@ class Trainer:
         return v
 
     def save_checkpoint(self, path: Path) -> None:
+        """Every rank calls this: a sharded run writes a checkpoint folder together, otherwise rank 0
+        writes one file (the ranks hold the same state)."""
         precision.check_finite_weights(self.student.module, f"at step {self.steps_done}")
-        # written by the module-level save_checkpoint, looked up at call time (tests stand in for it)
-        save_checkpoint(path, {"master": self.master.state(), "loss_scale": self.loss_scale.value,
-            "step": self.steps_done, "model": self.student.module.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "rng": self.rng.bit_generator.state,
-            "torch_rng": torch.get_rng_state(), "losses": self.losses,
-            "val": [list(v) for v in self.val_history], "objective": self.objective,
-            "model_path": str(self.model_path)})
+        run = {"loss_scale": self.loss_scale.value, "step": self.steps_done, "rng": self.rng.bit_generator.state,
+               "torch_rng": torch.get_rng_state(), "losses": self.losses,
+               "val": [list(v) for v in self.val_history], "objective": self.objective,
+               "model_path": str(self.model_path)}
+        if self.layout.sharded:
+            distributed.save_sharded(path, self.student.module, self.optimizer, self.master.state(), run,
+                                     self.layout)
+        elif self.layout.main:
+            # written by the module-level save_checkpoint, looked up at call time (tests stand in for it)
+            save_checkpoint(path, {**run, "master": self.master.state(), "model": self.student.module.state_dict(),
+                                   "optimizer": self.optimizer.state_dict()})
         log.debug("checkpoint at step %d: %s", self.steps_done, path)
 
     def load_checkpoint(self, path: Path) -> None:
-        """Continue the run saved at `path`: weights, optimiser moments, step, RNGs and loss history."""
-        state = load_checkpoint(path)
+        """Continue the run saved at `path`: weights, optimiser moments, step, RNGs and loss history.
+        A sharded folder (from a run with --fsdp) loads under any layout, resharded to this one."""
+        if path.is_dir():
+            state = distributed.load_sharded(path, self.student.module, self.optimizer, self.master.state())
+            self.master.copy_back()
+        else:
+            state = self.load_whole(path)
         if state.get("objective") != self.objective:
             raise OnnxgrowError(f"{path} was trained with objective {state.get('objective')}, not {self.objective}")
-        try:
-            self.student.module.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise OnnxgrowError(f"{path} does not fit {self.model_path}: {e}".splitlines()[0]) from e
-        self.master.load(state.get("master", []))
         self.loss_scale.value = state.get("loss_scale", self.loss_scale.value)
         self.steps_done, self.losses = state["step"], list(state["losses"])
         self.updated = self.steps_done > 0
@@ -259,6 +305,33 @@ class Trainer:
             raise OnnxgrowError(f"{path} is at step {self.steps_done} already; "
                                 f"ask for more than {self.steps_done} steps")
         log.debug("resumed from %s at step %d", path, self.steps_done)
+
+    def load_whole(self, path: Path) -> dict:
+        """Load a one-file checkpoint into the module, optimiser and master weights; returns it."""
+        if self.layout.sharded:
+            raise OnnxgrowError(f"{path} is a checkpoint of a run without --fsdp: resume it without --fsdp")
+        state = load_checkpoint(path)
+        if state.get("objective") != self.objective:
+            raise OnnxgrowError(f"{path} was trained with objective {state.get('objective')}, not {self.objective}")
+        try:
+            self.student.module.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise OnnxgrowError(f"{path} does not fit {self.model_path}: {e}".splitlines()[0]) from e
+        self.master.load(state.get("master", []))
+        return state
+
+
+def plan_layout(batch, micro_batch, fixed_batch, fsdp: bool) -> distributed.Layout:
+    """The run's layout. A static-shape export fixes the windows of each forward: the micro-batch is
+    its batch, and the global batch defaults to one micro-batch per rank."""
+    world = int(os.environ.get("WORLD_SIZE", "1")) if distributed.launched() else 1
+    if fixed_batch is None:
+        return distributed.plan(DEFAULT_BATCH if batch is None else batch, micro_batch, fsdp)
+    if world == 1 and micro_batch is None:
+        return distributed.plan(fit("--batch", batch, fixed_batch, DEFAULT_BATCH), None, fsdp)
+    micro_batch = fit("--micro-batch", micro_batch, fixed_batch, fixed_batch)
+    return distributed.plan(micro_batch * world if batch is None else batch, micro_batch, fsdp)
 
 
 def window_length(seq: int, objective: str) -> int:
@@ -299,6 +372,8 @@ def side_paths(output: Path) -> tuple[Path, Path]:
 def save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(state, tmp)
+    if path.is_dir():  # a sharded checkpoint (a run with --fsdp) resumed without it
+        shutil.rmtree(path)
     os.replace(tmp, path)  # a crash mid-write keeps the previous checkpoint
 
 
@@ -364,52 +439,73 @@ def check_options(steps, batch, seq, lr, alpha, val_fraction, objective, log_eve
 
 def train(model_path, data_path, *, tokenizer=None, use_bytes=False, steps, batch=None, seq=None, lr=3e-4,
           device="auto", distill_from=None, alpha=0.5, output=None, resume=False, objective="auto",
-          val_fraction=0.1, seed=0, log_every=10, checkpoint_every=100, force=False, console=None) -> dict:
+          val_fraction=0.1, seed=0, log_every=10, checkpoint_every=100, force=False, console=None,
+          micro_batch=None, fsdp=False) -> dict:
     """Train the model at `model_path` on `data_path` and write it back to ONNX; returns a summary.
 
     batch and seq default to 8 and 128, or to what a static-shape export fixes (static_shapes.fit).
     checkpoint_every=0 checkpoints only at the end. `console` (a rich Console) takes the progress
-    display and the log lines; by default they go to stderr.
+    display and the log lines; by default they go to stderr. Under torchrun, `batch` is the global
+    batch, `micro_batch` the windows of one forward, and `fsdp` shards the run (onnxgrow.distributed);
+    only rank 0 prints and writes.
     """
     from rich.console import Console
-    console = console or Console(stderr=True)
     check_options(steps, batch, seq, lr, alpha, val_fraction, objective, log_every, checkpoint_every)
+    main = os.environ.get("RANK", "0") == "0"
+    console = (console or Console(stderr=True)) if main else Console(quiet=True)
     model_path = Path(model_path)
     output = Path(output) if output is not None else api.default_output(model_path, "trained")
     inputs = (model_path,) + ((Path(distill_from),) if distill_from is not None else ())
-    modelio.guard_output_path(output, inputs, force)  # refuse now, not after the training
-    ckpt_path, plot_path = side_paths(output)
-    dev = resolve_device(device)
+    if main:  # the one writer checks (on several nodes, only its filesystem holds the output)
+        modelio.guard_output_path(output, inputs, force)  # refuse now, not after the training
     torch.manual_seed(seed)
+    with distributed.session(resolve_device(device)) as dev:
+        m = modelio.load(model_path)
+        trainer = Trainer.build(m, data_path, tokenizer=tokenizer, use_bytes=use_bytes, steps=steps, batch=batch,
+                                seq=seq, lr=lr, device=dev, objective=objective, val_fraction=val_fraction,
+                                seed=seed, distill_from=distill_from, alpha=alpha, model_path=model_path,
+                                micro_batch=micro_batch, fsdp=fsdp)
+        console.print(trainer.layout.describe())
+        summary = run_training(trainer, console, resume, log_every, checkpoint_every, output, distill_from)
+        history = (f"train:{trainer.objective}:steps={steps}" +
+                   (f",distill={alpha:g}" if distill_from is not None else ""))
+        write_model(trainer, m, history, output, inputs, force)
+    return summary
 
-    m = modelio.load(model_path)
-    trainer = Trainer.build(m, data_path, tokenizer=tokenizer, use_bytes=use_bytes, steps=steps, batch=batch,
-                            seq=seq, lr=lr, device=dev, objective=objective, val_fraction=val_fraction,
-                            seed=seed, distill_from=distill_from, alpha=alpha, model_path=model_path)
+
+def run_training(trainer: Trainer, console, resume, log_every, checkpoint_every, output, distill_from) -> dict:
+    """Resume if asked, validate, train to the end, validate and checkpoint; the run's summary."""
+    ckpt_path, plot_path = side_paths(output)
     precision.check_finite_weights(trainer.student.module, "before training", given=True)
     if resume:
         trainer.load_checkpoint(ckpt_path)
     start = trainer.steps_done
     val_start = trainer.validate()
     if val_start is not None:
-        precision.check_finite_loss(val_start, start, lr, updated=trainer.updated)
-    if val_start is not None:
+        precision.check_finite_loss(val_start, start, trainer.lr, updated=trainer.updated)
         console.print(f"step {start}: validation loss {val_start:.4f} ({trainer.objective}, "
                       f"{len(trainer.train_tokens):,} training tokens, {len(trainer.val_tokens):,} held out, "
-                      f"{dev.type}, {trainer.precision.describe()})")
+                      f"{trainer.device.type}, {trainer.precision.describe()})")
     run_steps(trainer, console, log_every, checkpoint_every, ckpt_path)
     val_end = trainer.validate()
     if val_end is not None:
-        console.print(f"step {steps}: validation loss {val_end:.4f}")
+        console.print(f"step {trainer.steps}: validation loss {val_end:.4f}")
     trainer.save_checkpoint(ckpt_path)
-    plot_losses(plot_path, trainer.losses, trainer.val_history)
-
-    precision.check_finite_weights(trainer.student.module, "at the end")
-    trained = bridge.write_into(trainer.student.module, m)
-    metadata.append_history(trained, f"train:{trainer.objective}:steps={steps}" +
-                            (f",distill={alpha:g}" if distill_from is not None else ""))
-    modelio.save(trained, output, input_paths=inputs, force=force)
+    if trainer.layout.main:
+        plot_losses(plot_path, trainer.losses, trainer.val_history)
     return run_summary(trainer, start, val_start, val_end, output, ckpt_path, plot_path, distill_from)
+
+
+def write_model(trainer: Trainer, m: ir.Model, history: str, output: Path, inputs, force: bool) -> None:
+    """Rank 0 writes the trained weights into `m` and saves it (a sharded module is gathered first,
+    on every rank); the others wait until it is written."""
+    precision.check_finite_weights(trainer.student.module, "at the end")
+    weights = distributed.gathered(trainer.student.module, trainer.layout)
+    if trainer.layout.main:
+        trained = bridge.write_into(weights, m)
+        metadata.append_history(trained, history)
+        modelio.save(trained, output, input_paths=inputs, force=force)
+    distributed.barrier()
 
 
 def run_steps(trainer: Trainer, console, log_every: int, checkpoint_every: int, ckpt_path: Path) -> None:
@@ -449,5 +545,5 @@ def run_summary(trainer: Trainer, start: int, val_start, val_end, output, ckpt_p
         "train_loss_start": float(np.mean(head)), "train_loss_end": float(np.mean(losses[-10:])),
         "val_loss_start": val_start, "val_loss_end": val_end, "val_history": [list(v) for v in t.val_history],
         "tokens_per_s": t.tokens_seen / t.train_time if t.train_time else None, "train_seconds": t.train_time,
-        "losses": losses,
+        "losses": losses, "layout": t.layout.describe(), "rank": t.layout.rank,
     }
