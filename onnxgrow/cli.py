@@ -412,17 +412,23 @@ def train(model: Path = typer.Argument(..., help="ONNX model to continue trainin
           objective: str = typer.Option("auto", help="auto | clm | mlm"),
           resume: bool = typer.Option(False, help="continue from OUT.ckpt"),
           output: Optional[Path] = typer.Option(None, "--output", "-o"),
-          force: bool = typer.Option(False, help="replace an existing output")):
+          force: bool = typer.Option(False, help="replace an existing output"),
+          as_json: bool = typer.Option(False, "--json", help="print the run's summary as one JSON object")):
     """Continue training MODEL in torch and write the trained weights back to ONNX.
 
     Under torchrun it trains data-parallel: `torchrun --nproc-per-node N -m onnxgrow train ...`."""
     from . import training
     summary = training.train(model, data, tokenizer=tokenizer, use_bytes=use_bytes, steps=steps, batch=batch,
                              seq=seq, lr=lr, device=device, distill_from=distill_from, alpha=alpha,
-                             output=output, resume=resume, objective=objective, force=force, console=out,
-                             micro_batch=micro_batch, fsdp=fsdp)
+                             output=output, resume=resume, objective=objective, force=force,
+                             console=err if as_json else out, micro_batch=micro_batch, fsdp=fsdp)
     if summary["rank"] != 0:
         return  # under torchrun, rank 0 reports
+    if as_json:
+        output = Path(summary["output"])
+        print(json.dumps(dict(summary, command="train", source=str(model), output=written(output)), default=str,
+                         indent=2))
+        return
     out.print(f"held-out loss {summary['val_loss_start']:.4f} -> {summary['val_loss_end']:.4f} "
               f"({summary['tokens_per_s']:.0f} tokens/s); wrote {summary['output']}, loss curve {summary['plot']}")
 
@@ -430,10 +436,15 @@ def train(model: Path = typer.Argument(..., help="ONNX model to continue trainin
 @app.command("export-weights")
 @one_line_errors
 def export_weights(model: Path, output: Path = typer.Option(..., "--output", "-o", help="weights.safetensors"),
-                   force: bool = typer.Option(False, help="replace an existing output")):
+                   force: bool = typer.Option(False, help="replace an existing output"),
+                   as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
     """Write MODEL's weights to safetensors, named by structural role (layers.3.attn.q, ...)."""
     from .weights import export_weights as run_export
-    out.print(f"wrote {run_export(model, output, force=force)}")
+    path = run_export(model, output, force=force)
+    if as_json:
+        return print(json.dumps({"command": "export-weights", "source": str(model), "output": written(path)},
+                                indent=2))
+    out.print(f"wrote {path}")
 
 
 @app.command("import-weights")
@@ -441,12 +452,16 @@ def export_weights(model: Path, output: Path = typer.Option(..., "--output", "-o
 def import_weights(model: Path, weights: Path,
                    output: Path = typer.Option(..., "--output", "-o"),
                    strict: bool = typer.Option(True, help="every tensor in WEIGHTS must fit MODEL"),
-                   force: bool = typer.Option(False, help="replace an existing output")):
+                   force: bool = typer.Option(False, help="replace an existing output"),
+                   as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
     """Put role-named safetensors weights (from export-weights or a torch run) back into MODEL."""
     from .weights import load_weights
     import onnx_ir as ir
     updated = load_weights(model, weights, strict=strict)
     modelio.save(ir.from_proto(updated), output, input_paths=(model,), force=force)
+    if as_json:
+        return print(json.dumps({"command": "import-weights", "source": str(model), "weights": str(weights),
+                                 "output": written(output), "config": api.inspect(output)}, indent=2))
     out.print(f"wrote {output}")
 
 

@@ -43,3 +43,18 @@ def test_subclone_prints_its_fidelity_in_json(zoo, tmp_path):
                       "--bytes", "-o", out)
     assert result["config_after"]["hidden_size"] == 32 and result["config_after"]["num_layers"] == 1
     assert len(result["removed_blocks"]) == 1 and "subclone_loss" in result["fidelity"]["logits"]
+
+
+def test_train_and_the_weight_files_print_json(zoo, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    source, trained = zoo_model(zoo, "gpt2-ts17"), tmp_path / "trained.onnx"
+    result = run_json("train", source, "--data", text, "--bytes", "--steps", "2", "--batch", "2", "--seq", "16",
+                      "--device", "cpu", "-o", trained)
+    assert result["command"] == "train" and result["output"]["path"] == str(trained)
+    assert result["steps"] == 2 and result["val_loss_end"] is not None
+    weights = tmp_path / "w.safetensors"
+    exported = run_json("export-weights", trained, "-o", weights)
+    assert exported["output"]["bytes"] == weights.stat().st_size
+    back = run_json("import-weights", source, weights, "-o", tmp_path / "back.onnx")
+    assert back["config"]["hidden_size"] == 64 and back["output"]["path"] == str(tmp_path / "back.onnx")
