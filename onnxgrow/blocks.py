@@ -18,7 +18,7 @@ import onnx_ir as ir
 from .errors import UnsupportedGraph
 from .metadata import IO_MAP_KEY, IO_NAMES_KEY
 from .normalize import unique_name
-from .fusednorms import fuse_split_norms, split_skip_norms
+from .fusednorms import MARK, fuse_split_norms, is_skip_norm, mark_plain_norms, optional, split_skip_norms
 from .structure import TransformerSpec, consumers_forward, find_structure, skip_view, weight_of
 from .views import PASS_THROUGH, RESHAPES, look_through
 
@@ -187,7 +187,11 @@ def split_boundary_norms(spec: TransformerSpec) -> TransformerSpec:
     fused = [n.node for n in boundary if n.node is not None]
     if not fused:
         return spec
-    split_skip_norms(spec.model.graph, fused)
+    # a plain norm at a boundary (block 0's, on the embeddings) is fused in a copy that reads a split sum
+    live = [n for n in fused if n.graph is not None]  # an earlier call with this spec may have split them
+    if live:
+        mark_plain_norms([n.output.producer() for n in boundary if n.node is None], fused[0].op_type)
+        split_skip_norms(spec.model.graph, live)
     return find_structure(spec.model)
 
 
@@ -201,12 +205,32 @@ def output_projections(spec: TransformerSpec, block) -> list[str]:
         if proj.op_type == "Gemm" and len(proj.inputs) > 2 and proj.inputs[2] is not None:
             bias, _ = spec.flow.source_initializer(proj.inputs[2])  # through its Cast, if any
             names.append(proj.inputs[2].name if bias is None else bias.name)  # none: refused as shared
+        names += fused_output_biases(spec, proj.outputs[0])
         for c in proj.outputs[0].consumers():
             if c.op_type == "Add":
                 other = c.inputs[1] if c.inputs[0] is proj.outputs[0] else c.inputs[0]
                 init, _ = spec.flow.source_initializer(other)
                 if init is not None:
                     names.append(init.name)
+    return names
+
+
+def fused_output_biases(spec: TransformerSpec, out: ir.Value) -> list[str]:
+    """The bias a Skip norm adds to a projection's output: its own bias input, or, split (fusednorms.py),
+    the Add of it after the sum."""
+    names = []
+    for c in out.consumers():
+        bias = None
+        if is_skip_norm(c) and out in c.inputs[:2]:
+            bias = optional(c, 3 if c.op_type == "SkipSimplifiedLayerNormalization" else 4)
+        elif c.metadata_props.get(MARK) == "sum":
+            bias_add = next((b for b in c.outputs[0].consumers() if b.metadata_props.get(MARK) == "bias"), None)
+            bias = bias_add.inputs[1] if bias_add is not None else None
+        init = spec.flow.source_initializer(bias)[0] if bias is not None else None
+        if init is not None:
+            names.append(init.name)
+        elif bias is not None and bias.is_initializer():
+            names.append(bias.name)
     return names
 
 

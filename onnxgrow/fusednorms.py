@@ -66,14 +66,23 @@ def split_one(graph: ir.Graph, node: ir.Node) -> None:
     log.debug("split %s %r at a block boundary", node.op_type, node.name)
 
 
+def mark_plain_norms(nodes: list[ir.Node | None], fused_op: str) -> None:
+    """Mark plain norms of the kind `fused_op` fuses, so that their copies that read a split sum fuse."""
+    for node in nodes:
+        if node is not None and node.op_type == SKIP_NORMS[fused_op] and \
+                (node.attributes["axis"].value if "axis" in node.attributes else -1) == -1:
+            node.metadata_props[MARK] = fused_op
+
+
 def fuse_split_norms(graph: ir.Graph) -> int:
     """Fuse every marked norm whose input is still a marked sum; returns how many were fused."""
     fused = 0
     for norm in [n for n in graph if n.metadata_props.get(MARK) in SKIP_NORMS]:
+        op = norm.metadata_props.pop(MARK)  # fused or left as it is: done either way
         chain = sum_chain(norm.inputs[0])
         if chain is None:
             continue  # its block before was removed: a plain norm of the stream, which runs as it is
-        fuse_one(graph, norm, *chain)
+        fuse_one(graph, norm, op, *chain)
         fused += 1
     if fused:
         graph.sort()
@@ -93,8 +102,7 @@ def sum_chain(value: ir.Value):
     return (node, None) if node.metadata_props.get(MARK) == "sum" else None
 
 
-def fuse_one(graph: ir.Graph, norm: ir.Node, total: ir.Node, bias_add: ir.Node | None) -> None:
-    op = norm.metadata_props[MARK]
+def fuse_one(graph: ir.Graph, norm: ir.Node, op: str, total: ir.Node, bias_add: ir.Node | None) -> None:
     bias = bias_add.inputs[1] if bias_add is not None else None
     beta = norm.inputs[2] if len(norm.inputs) > 2 else None
     params = [norm.inputs[1]] + ([bias] if op == "SkipSimplifiedLayerNormalization" else [beta, bias])
@@ -102,7 +110,7 @@ def fuse_one(graph: ir.Graph, norm: ir.Node, total: ir.Node, bias_add: ir.Node |
         params.pop()
     stream = (bias_add or total).outputs[0]
     fused = ir.Node(MICROSOFT, op, [total.inputs[0], total.inputs[1], *params],
-                    [ir.AttrFloat32("epsilon", norm.attributes["epsilon"].value)], num_outputs=4,
+                    [ir.AttrFloat32("epsilon", epsilon_of(norm))], num_outputs=4,
                     name=unique_name(graph, norm.name))
     for i, suffix in enumerate(("out", "mean", "inv_std_var", "sum")):
         fused.outputs[i].name = unique_name(graph, f"{fused.name}.{suffix}")
@@ -113,6 +121,10 @@ def fuse_one(graph: ir.Graph, norm: ir.Node, total: ir.Node, bias_add: ir.Node |
     for node in (norm, bias_add, total):
         if node is not None:
             graph.remove(node, safe=True)
+
+
+def epsilon_of(norm: ir.Node) -> float:
+    return norm.attributes["epsilon"].value if "epsilon" in norm.attributes else 1e-5  # the plain norms' default
 
 
 def move_uses(old: ir.Value, new: ir.Value, uses=None) -> None:
