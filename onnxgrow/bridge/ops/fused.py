@@ -23,6 +23,8 @@ def with_stats(a, y, x, eps, centred: bool):
     """(y, mean, inv_std) cut to the node's outputs; statistics over the last axis."""
     mean = x.mean(-1, keepdim=True)
     spread = (x - mean) if centred else x
+    if not centred:
+        mean = torch.zeros_like(mean)  # ONNX Runtime leaves an RMS norm's mean output at zero
     inv_std = torch.rsqrt(spread.pow(2).mean(-1, keepdim=True) + eps)
     return y, mean, inv_std
 
