@@ -271,7 +271,20 @@ def _simplified():
             Spec("llama-gqa-optimized-ts17", "llama", "torchscript", 17, dict(GQA), simplify="onnxscript")]
 
 
-MODELS = _zoo() + _loud() + _opset23() + _roles() + _static() + _simplified()
+# onnxruntime.transformers.optimizer on plain exports, as BERT-family and GPT-2 models served with ONNX
+# Runtime are: LayerNorm + residual Add become com.microsoft SkipLayerNormalization (output 3 is the
+# residual stream), RMSNorm SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization, the GELU
+# FastGelu or BiasGelu. Attention and rotary fusion are switched off here: these forms carry the fused
+# norms and activations around a plain attention (the attention-fused forms are tested on their own).
+# ORT 1.32 has no "llama" model type; "qwen3" is its decoder-only RMSNorm/RoPE/GQA type. Not part of
+# _zoo(): tests/test_forms_fused_norms.py names them.
+def _fused():
+    return [Spec("gpt2-ortopt-ts17", "gpt2", "torchscript", 17, dict(TINY), simplify="ort-optimizer"),
+            Spec("bert-ortopt-ts17", "bert", "torchscript", 17, dict(TINY), simplify="ort-optimizer"),
+            Spec("llama-gqa-ortopt-ts17", "llama", "torchscript", 17, dict(GQA), simplify="ort-optimizer")]
+
+
+MODELS = _zoo() + _loud() + _opset23() + _roles() + _static() + _simplified() + _fused()
 DEFAULT_SPEC = Spec("tiny-gpt2", "gpt2", "torchscript", 17, dict(DEFAULT))
 
 
@@ -529,14 +542,38 @@ def simplify_onnxscript(model):
     return onnxscript.optimizer.optimize(model)
 
 
+ORT_MODEL_TYPES = {"gpt2": "gpt2", "bert": "bert", "llama": "qwen3"}  # family -> the optimizer's model_type
+
+
+def optimize_ort(model, spec):
+    """onnxruntime.transformers.optimizer with the model's sizes, fusing norms and activations only."""
+    import onnx
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+    model_type = ORT_MODEL_TYPES[spec.family]
+    options = FusionOptions(model_type)
+    options.enable_attention = False
+    options.enable_rotary_embeddings = False
+    optimized = optimize_model(model, model_type=model_type, num_heads=spec.sizes["heads"],
+                               hidden_size=spec.sizes["hidden"], optimization_options=options, opt_level=0)
+    model = optimized.model
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):  # OnnxModel.save adds it; we do not save
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return model
+
+
 SIMPLIFIERS = {"onnxslim": ("onnxslim", simplify_onnxslim), "onnxsim": ("onnxsim", simplify_onnxsim),
-               "onnxscript": ("onnxscript", simplify_onnxscript)}
+               "onnxscript": ("onnxscript", simplify_onnxscript), "ort-optimizer": ("onnxruntime", optimize_ort)}
+# the simplifiers that need the spec (the model's sizes) besides the model
+NEEDS_SPEC = {"ort-optimizer"}
 
 
 def simplify(spec, path):
     """Rewrite the model at `path` with the spec's simplifier, in place."""
     import onnx
-    model = SIMPLIFIERS[spec.simplify][1](onnx.load(str(path)))
+    step = SIMPLIFIERS[spec.simplify][1]
+    model = onnx.load(str(path))
+    model = step(model, spec) if spec.simplify in NEEDS_SPEC else step(model)
     onnx.save(model, str(path))
 
 
@@ -567,8 +604,21 @@ def export(spec, model, path):
         if spec.simplify:
             with quiet():
                 simplify(spec, tmp_path)
-        onnx.checker.check_model(str(tmp_path))
+        check_onnx(tmp_path)
         os.replace(tmp_path, path)  # atomic: a model file is either whole or absent
+
+
+def check_onnx(path):
+    """onnx.checker, with the ops ONNX Runtime defines in the default domain (SimplifiedLayerNormalization,
+    written by its transformers optimizer) moved to a domain the checker has no schemas for."""
+    import onnx
+    model = onnx.load(str(path))
+    moved = [n for n in model.graph.node if n.domain in ("", "ai.onnx") and n.op_type == "SimplifiedLayerNormalization"]
+    for node in moved:
+        node.domain = "onnxruntime.default"
+    if moved:
+        model.opset_import.append(onnx.helper.make_opsetid("onnxruntime.default", 1))
+    onnx.checker.check_model(model)
 
 
 def io_names(path):
@@ -691,7 +741,7 @@ def verify(spec, path, atol=1e-4):
     import onnxruntime as ort
     import torch
 
-    onnx.checker.check_model(str(path))
+    check_onnx(path)
     with quiet():
         model = build_torch_model(spec)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

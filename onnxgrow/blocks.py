@@ -18,7 +18,8 @@ import onnx_ir as ir
 from .errors import UnsupportedGraph
 from .metadata import IO_MAP_KEY, IO_NAMES_KEY
 from .normalize import unique_name
-from .structure import TransformerSpec, consumers_forward, skip_view, weight_of
+from .fusednorms import MARK, fuse_split_norms, is_skip_norm, mark_plain_norms, optional, split_skip_norms
+from .structure import TransformerSpec, consumers_forward, find_structure, skip_view, weight_of
 from .views import PASS_THROUGH, RESHAPES, look_through
 
 
@@ -151,7 +152,12 @@ def proj_input(spec, node):
 
 def block_graphs(spec: TransformerSpec) -> list[BlockGraph]:
     """The blocks' subgraphs, with the graph inputs and outputs that belong to one block alone
-    (the past and present K/V of a KV-cache export)."""
+    (the past and present K/V of a KV-cache export).
+
+    A pre-norm model whose blocks meet inside an ONNX Runtime Skip norm is split there first (see
+    fusednorms.py; the model changes IN PLACE, computing the same): insert_after and remove_blocks
+    fuse the split norms again, and a caller that only reads the blocks calls fuse_split_norms."""
+    spec = split_boundary_norms(spec)
     stream = residual_values(spec)
     order = {id(n): i for i, n in enumerate(spec.model.graph)}
     side = weight_side(spec.model.graph)
@@ -173,6 +179,22 @@ def block_graphs(spec: TransformerSpec) -> list[BlockGraph]:
     return result
 
 
+def split_boundary_norms(spec: TransformerSpec) -> TransformerSpec:
+    """The spec of the model with its boundary Skip norms split (itself when there are none)."""
+    if spec.norm_position != "pre":
+        return spec  # post-norm: the stream between blocks is a norm's output, a value of its own
+    boundary = [b.norms[0] for b in spec.blocks if b.norms] + ([spec.final_norm] if spec.final_norm else [])
+    fused = [n.node for n in boundary if n.node is not None]
+    if not fused:
+        return spec
+    # a plain norm at a boundary (block 0's, on the embeddings) is fused in a copy that reads a split sum
+    live = [n for n in fused if n.graph is not None]  # an earlier call with this spec may have split them
+    if live:
+        mark_plain_norms([n.output.producer() for n in boundary if n.node is None], fused[0].op_type)
+        split_skip_norms(spec.model.graph, live)
+    return find_structure(spec.model)
+
+
 def output_projections(spec: TransformerSpec, block) -> list[str]:
     """Weights (and biases) of the projections that write into the residual stream."""
     names = []
@@ -183,12 +205,32 @@ def output_projections(spec: TransformerSpec, block) -> list[str]:
         if proj.op_type == "Gemm" and len(proj.inputs) > 2 and proj.inputs[2] is not None:
             bias, _ = spec.flow.source_initializer(proj.inputs[2])  # through its Cast, if any
             names.append(proj.inputs[2].name if bias is None else bias.name)  # none: refused as shared
+        names += fused_output_biases(spec, proj.outputs[0])
         for c in proj.outputs[0].consumers():
             if c.op_type == "Add":
                 other = c.inputs[1] if c.inputs[0] is proj.outputs[0] else c.inputs[0]
                 init, _ = spec.flow.source_initializer(other)
                 if init is not None:
                     names.append(init.name)
+    return names
+
+
+def fused_output_biases(spec: TransformerSpec, out: ir.Value) -> list[str]:
+    """The bias a Skip norm adds to a projection's output: its own bias input, or, split (fusednorms.py),
+    the Add of it after the sum."""
+    names = []
+    for c in out.consumers():
+        bias = None
+        if is_skip_norm(c) and out in c.inputs[:2]:
+            bias = optional(c, 3 if c.op_type == "SkipSimplifiedLayerNormalization" else 4)
+        elif c.metadata_props.get(MARK) == "sum":
+            bias_add = next((b for b in c.outputs[0].consumers() if b.metadata_props.get(MARK) == "bias"), None)
+            bias = bias_add.inputs[1] if bias_add is not None else None
+        init = spec.flow.source_initializer(bias)[0] if bias is not None else None
+        if init is not None:
+            names.append(init.name)
+        elif bias is not None and bias.is_initializer():
+            names.append(bias.name)
     return names
 
 
@@ -233,6 +275,7 @@ def clone_block(graph: ir.Graph, block: BlockGraph, new_input: ir.Value, tag: st
         attrs = [ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()]
         new = ir.Node(node.domain, node.op_type, inputs, attrs, num_outputs=len(node.outputs),
                       name=unique_name(graph, f"{node.name or node.op_type}.{tag}"), version=node.version)
+        new.metadata_props.update(node.metadata_props)  # a split Skip norm's mark (fusednorms.py)
         for old_out, new_out in zip(node.outputs, new.outputs):
             new_out.name = unique_name(graph, f"{old_out.name}.{tag}")
             new_out.type = old_out.type
@@ -278,6 +321,7 @@ def insert_after(graph: ir.Graph, blocks: list[BlockGraph], plan: dict[int, list
             graph.outputs[k] = stream
     renumber_caches(graph, [entry for per_block in sequence for entry in per_block])
     graph.sort()
+    fuse_split_norms(graph)
     return to_zero
 
 
@@ -385,6 +429,7 @@ def remove_blocks(spec: TransformerSpec, blocks: list[BlockGraph], indices: list
                 graph.inputs.remove(v)
     kept = [b for b in blocks if b.index not in removed]
     renumber_caches(graph, [(b, b.cache_inputs + b.cache_outputs, None) for b in kept])
+    fuse_split_norms(graph)
     used = {id(v) for n in graph for v in n.inputs if v is not None} | {id(v) for v in graph.outputs}
     for name, value in list(graph.initializers.items()):
         if id(value) not in used:

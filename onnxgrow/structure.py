@@ -32,6 +32,7 @@ import onnx_ir as ir
 
 from .dims import Dim, atoms, factors, product_of, same, unify
 from .errors import UnsupportedGraph
+from .fusednorms import is_skip_norm
 from .normalize import normalize
 from .quantized import refuse_quantized
 from .shapeflow import ShapeFlow, analyse
@@ -47,6 +48,7 @@ class Norm:
     output: ir.Value
     scale: str | None = None  # initializer names of the affine parameters
     bias: str | None = None
+    node: ir.Node | None = None  # a fused Skip norm (ONNX Runtime's): it adds the update to the stream too
 
 
 @dataclass
@@ -686,7 +688,7 @@ def contracted_dim(flow, node) -> Dim:
 def order_gate(ups):
     """In a gated FFN the gate is the projection whose output goes through the nonlinearity."""
     def through_nonlinearity(n):
-        return any(c.op_type in ("Sigmoid", "Gelu", "Erf", "Tanh", "Relu", "FastGelu")
+        return any(c.op_type in ("Sigmoid", "Gelu", "Erf", "Tanh", "Relu") + FUSED_ACTIVATIONS
                    for c in n.outputs[0].consumers())
     a, b = ups
     return (a, b) if through_nonlinearity(a) else (b, a)
@@ -721,6 +723,11 @@ def has_rotation(att: Attention) -> bool:
     return False
 
 
+# ONNX Runtime's fused activations (com.microsoft), by the name inspect reports
+FUSED_ACTIVATIONS = ("FastGelu", "BiasGelu", "QuickGelu")
+FUSED_ACTIVATION_NAMES = {"FastGelu": "gelu_new", "BiasGelu": "gelu", "QuickGelu": "quick_gelu"}
+
+
 def activation_of(ffn: FFN) -> str:
     ops = set()
     seen, todo = set(), deque(ffn.up.outputs if ffn.gate is None else ffn.gate.outputs)
@@ -734,6 +741,9 @@ def activation_of(ffn: FFN) -> str:
             if n.op_type == "Gelu" and n.attributes.get("approximate") and n.attributes["approximate"].value == "tanh":
                 ops.add("Tanh")
             todo.extend(n.outputs)
+    fused = [FUSED_ACTIVATION_NAMES[op] for op in FUSED_ACTIVATIONS if op in ops]
+    if fused:
+        return fused[0]
     if "Tanh" in ops:
         return "gelu_new"
     if "Erf" in ops or "Gelu" in ops:
@@ -748,7 +758,9 @@ def activation_of(ffn: FFN) -> str:
 def find_norms(g: ir.Graph, flow: ShapeFlow, hidden: Dim) -> list[Norm]:
     norms = []
     for node in g:
-        if node.op_type in ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"):
+        if is_skip_norm(node):
+            norms.append(skip_norm(flow, node))
+        elif node.op_type in ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"):
             kind = "layernorm" if node.op_type == "LayerNormalization" else "rmsnorm"
             scale, bias = (param_name(flow, node, i) for i in (1, 2))
             out, scale2, bias2 = affine_after(flow, node.outputs[0], hidden)
@@ -776,6 +788,14 @@ def find_norms(g: ir.Graph, flow: ShapeFlow, hidden: Dim) -> list[Norm]:
                     out, scale, bias = affine_after(flow, normed[0].outputs[0], hidden)
                     norms.append(Norm("rmsnorm", base, out, scale, bias))
     return norms
+
+
+def skip_norm(flow: ShapeFlow, node: ir.Node) -> Norm:
+    """A Skip*Normalization: a norm of input + skip (+ bias), that sum being its output 3 (when written)."""
+    simplified = node.op_type == "SkipSimplifiedLayerNormalization"
+    stream = node.outputs[3] if len(node.outputs) > 3 else node.inputs[0]
+    return Norm("rmsnorm" if simplified else "layernorm", stream, node.outputs[0], param_name(flow, node, 2),
+                None if simplified else param_name(flow, node, 3), node=node)
 
 
 def param_name(flow: ShapeFlow, node: ir.Node, index: int) -> str | None:
@@ -823,8 +843,8 @@ def position_of_norms(flow, blocks) -> str:
     if not b.norms:
         return "none"
     norm = b.norms[0]
-    residual_adds = consumers_forward(b.attention.o_proj.outputs[0],
-                                      lambda n: n.op_type == "Add" and all(is_activation(flow, v) for v in n.inputs))
+    residual_adds = consumers_forward(b.attention.o_proj.outputs[0], lambda n: is_skip_norm(n) or (
+        n.op_type == "Add" and all(is_activation(flow, v) for v in n.inputs)))
     if not residual_adds:
         return "none"
     # parallel blocks add attention, FFN and the stream in some order: look through the chain of Adds
@@ -834,8 +854,10 @@ def position_of_norms(flow, blocks) -> str:
         chain.append(add)
         todo.extend(c for c in add.outputs[0].consumers() if c.op_type == "Add"
                     and all(is_activation(flow, v) for v in c.inputs))
-    stream_in = skip_view(norm.input)
-    if any(stream_in is skip_view(v) for add in chain for v in add.inputs):
+    stream_in = {id(skip_view(norm.input))}
+    if norm.node is not None:  # a Skip norm: the stream it reads is the sum of its first two inputs
+        stream_in |= {id(skip_view(v)) for v in norm.node.inputs[:2]}
+    if any(id(skip_view(v)) in stream_in for add in chain for v in add.inputs[:2]):
         return "pre"
     return "post"
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnxgrow.blocks import block_graphs
+from onnxgrow.fusednorms import fuse_split_norms
 from onnxgrow.resize import set_tensor
 
 from .fpi import FPI
@@ -40,6 +41,7 @@ class AKI(FPI):
                 new = borrow_new_neurons(spec, resizer, name, w.const_value.numpy(), u.const_value.numpy())
                 if new is not None:
                     set_tensor(w, new)
+        fuse_split_norms(graph)  # block_graphs split the Skip norms at block boundaries
 
 
 def block_weights(spec, resizer, block) -> list[str]:

@@ -16,6 +16,7 @@ refuses when a problem touches a Dim it is about to resize.
       shape.py         Shape, Reshape, Expand, Squeeze, Unsqueeze, Transpose, Range...
       slicing.py       Split, Slice, Concat, Gather...
       norms.py         LayerNormalization, RMSNormalization
+      fused.py         ONNX Runtime's fused norms and activations (SkipLayerNormalization, FastGelu...)
       attention.py     Attention, RotaryEmbedding (opset 23), and node attributes that count heads
 """
 

@@ -283,10 +283,10 @@ def test_simplified_layer_norm_is_accepted_in_both_domains():
 
 
 def test_an_unknown_microsoft_op_is_a_problem_naming_its_domain():
-    flow = build([node("SkipLayerNormalization", ["x", "x", "g"], ["y"], domain="com.microsoft")],
+    flow = build([node("SkipGroupNorm", ["x", "x", "g"], ["y"], domain="com.microsoft")],
                  [("x", ["b", 8])], [("g", weight(8))], domains=["com.microsoft"])
-    assert [p.reason for p in flow.problems] == ["no dataflow rule for com.microsoft:SkipLayerNormalization"]
-    assert "SkipLayerNormalization" in str(flow.problems[0])
+    assert [p.reason for p in flow.problems] == ["no dataflow rule for com.microsoft:SkipGroupNorm"]
+    assert "SkipGroupNorm" in str(flow.problems[0])
 
 
 def test_an_unknown_custom_domain_is_refused_even_for_a_standard_op_name():

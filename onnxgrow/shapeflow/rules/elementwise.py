@@ -22,8 +22,8 @@ UNARY = {"Cast", "Neg", "Sqrt", "Reciprocal", "Erf", "Tanh", "Sigmoid", "Relu", 
          "Sin", "Softmax", "LogSoftmax", "IsNaN", "IsInf", "Not", "Identity", "Abs", "Gelu", "Trilu",
          "CumSum", "Floor", "Ceil", "Round", "Sign", "HardSigmoid", "Softplus", "Elu", "LeakyRelu",
          "Dropout", "CastLike"}
-# ONNX Runtime contrib ops that keep their input's shape (BiasGelu adds a bias of the last axis)
-MICROSOFT_UNARY = {"FastGelu", "QuickGelu", "BiasGelu", "Gelu", "Trilu"}
+# ONNX Runtime contrib ops that keep their input's shape (its fused activations: rules/fused.py)
+MICROSOFT_UNARY = {"Trilu"}
 BROADCAST = {"Add", "Sub", "Mul", "Div", "Pow", "Equal", "Less", "Greater", "LessOrEqual",
              "GreaterOrEqual", "And", "Or", "Xor", "Max", "Min", "Where", "Mod", "BitShift",
              "PRelu", "Sum", "Mean"}

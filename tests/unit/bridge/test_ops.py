@@ -79,18 +79,18 @@ def test_opset_13_unsqueeze_ignores_an_axes_attribute():
 
 
 def test_unknown_microsoft_op_is_refused_with_its_domain():
-    node = helper.make_node("SkipLayerNormalization", ["x", "x", "g"], ["y"], domain="com.microsoft")
+    node = helper.make_node("SkipGroupNorm", ["x", "x", "g"], ["y"], domain="com.microsoft")
     proto = model([node], {"x": [1, 2, 4]}, ["y"], 17, {"g": np.ones(4, np.float32)}, {"com.microsoft": 1})
-    with pytest.raises(OnnxgrowError, match="no torch implementation for com.microsoft:SkipLayerNormalization"):
+    with pytest.raises(OnnxgrowError, match="no torch implementation for com.microsoft:SkipGroupNorm"):
         bridge.to_torch(proto)
 
 
 def test_standard_and_contrib_ops_are_refused_together():
     nodes = [helper.make_node("Resize", ["x", "", "s"], ["r"]),
-             helper.make_node("FastGelu", ["r"], ["y"], domain="com.microsoft")]
+             helper.make_node("GemmFastGelu", ["r"], ["y"], domain="com.microsoft")]
     proto = model(nodes, {"x": [1, 1, 2, 2]}, ["y"], 18, {"s": np.ones(4, np.float32)}, {"com.microsoft": 1})
     with pytest.raises(OnnxgrowError, match=r"does not implement these ops: Resize; "
-                                            r"no torch implementation for com.microsoft:FastGelu"):
+                                            r"no torch implementation for com.microsoft:GemmFastGelu"):
         bridge.to_torch(proto)
 
 
