@@ -17,6 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .blocks import block_graphs, record_io_names, remove_blocks
+from .fusednorms import fuse_split_norms
 from .calibrate import mean_abs, windows
 from .static_shapes import fit
 from .dims import atoms
@@ -127,6 +128,7 @@ def subclone_ir(model: ir.Model, ids: np.ndarray, *, hidden=None, heads=None, kv
     kept = KeptIndices.choose(spec, sizes, stats)
     keep_everywhere(model, spec, kept, stats, norms, rescale)
     removed = remove_weak_blocks(model, spec, updates, target_layers, keep_layers)
+    fuse_split_norms(model.graph)  # measuring split the Skip norms at block boundaries: the source's form again
     append_history(model, f"subclone:hidden={sizes[spec.hidden]},layers={num - len(removed)},removed={removed}")
     plans = kept.plans
     return SubcloneResult(model, plans[spec.hidden].source.tolist() if spec.hidden in plans

@@ -122,6 +122,16 @@ def test_subclone_runs(zoo, tmp_path, name):
 
 
 @pytest.mark.parametrize("name", FORMS)
+def test_subclone_keeping_every_block_keeps_the_fused_form(zoo, tmp_path, name):
+    c, source = zoo[name]["config"], zoo_model(zoo, name)
+    ids = np.random.default_rng(0).integers(0, c["vocab_size"], 4000)
+    out = tmp_path / "small.onnx"
+    onnx.save(onnxgrow.subclone(source, ids, samples=6, seq=16, hidden=c["hidden_size"] // 2, provider="cpu"), out)
+    assert fused_ops(out) == fused_ops(source)
+    assert onnxgrow.inspect(out)["hidden_size"] == c["hidden_size"] // 2
+
+
+@pytest.mark.parametrize("name", FORMS)
 def test_train_two_steps_writes_a_fused_model_ort_runs(zoo, tmp_path, name):
     out = tmp_path / "trained.onnx"
     onnxgrow.train(zoo_model(zoo, name), text_file(tmp_path), use_bytes=True, steps=2, device="cpu", seq=16,
