@@ -80,14 +80,14 @@ def one_thread_per_worker():
 
 
 def pytest_sessionstart(session):
-    # the xdist controller runs no tests: it builds the zoo while the workers start on the tests that
-    # do not need it, which come first
+    # the xdist controller runs no tests: it builds the zoo (on one thread, like a worker) while the
+    # workers start on the tests that do not need it, which come first
     if session.config.pluginmanager.hasplugin("dsession"):
         ZOO.mkdir(parents=True, exist_ok=True)
         with open(ZOO / "build.log", "w") as log:  # the build's errors are also in its manifest
             session.config.zoo_build = subprocess.Popen(
                 [sys.executable, str(ROOT / "models" / "build.py"), "--out", str(ZOO)],
-                stdout=log, stderr=subprocess.STDOUT)
+                stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
 def pytest_sessionfinish(session):
