@@ -165,6 +165,7 @@ def test_module_cast_to_bf16_keeps_graph_constants(zoo):
     assert np.isfinite(out).all() and np.abs(out - ref).max() < 0.02 * np.abs(ref).max()
 
 
+@pytest.mark.slow
 def test_torch_compile_single_graph_and_matches(zoo):
     dynamo = pytest.importorskip("torch._dynamo")
     if not dynamo.is_dynamo_supported():

@@ -8,9 +8,12 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
+@pytest.mark.slow
 def test_growth_smoke_writes_its_table(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "growth.py"), "--setting", "smoke",
                              "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=300)

@@ -67,6 +67,7 @@ def test_half_models_train_to_finite_weights_in_their_dtype(half_models, tmp_pat
     assert all(kept[t.name] == t.data_type for t in onnx.load(str(source)).graph.initializer)
 
 
+@pytest.mark.slow
 def test_half_model_resumes_from_its_master_weights(half_models, tmp_path, text_file, monkeypatch):
     """The master weights are part of the checkpoint: float16 weights alone would lose the updates
     smaller than their last place, and a resumed run would drift from a straight one."""

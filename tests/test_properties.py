@@ -28,6 +28,7 @@ from helpers import assert_close_to_scale, save_and_validate, worst
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow  # each test exports and checks 8 drawn models
 
 
 @st.composite

@@ -137,6 +137,7 @@ def test_kv_cache_block_removal_drops_its_cache(zoo, tmp_path):
     assert [o.name for o in report.outputs] == ["logits", "present.0.key", "present.0.value"]
 
 
+@pytest.mark.slow
 def test_minilm_subclone_keeps_sentence_embeddings(zoo):
     sys.path.insert(0, str(ROOT / "bench"))
     import subclone_minilm

@@ -51,6 +51,7 @@ def ort_clm_loss(path, tokens: np.ndarray, seq: int = 32, rows: int = 8) -> floa
     return float(-logp.gather(-1, torch.from_numpy(ids[:, 1:])[..., None]).mean())
 
 
+@pytest.mark.slow
 def test_widened_model_trains_and_held_out_loss_drops(zoo, tmp_path, text_file):
     source = model_path(zoo, "gpt2-ts17")
     wide = tmp_path / "wide.onnx"
@@ -103,6 +104,7 @@ def test_kv_cache_export_trains_with_an_empty_past(zoo, tmp_path, text_file):
     onnx.checker.check_model(str(tmp_path / "kv.onnx"))
 
 
+@pytest.mark.slow
 def test_distillation_from_the_source(zoo, tmp_path, text_file):
     source = model_path(zoo, "gpt2-ts17")
     wide = tmp_path / "wide.onnx"
