@@ -465,7 +465,6 @@ def train(model_path, data_path, *, tokenizer=None, use_bytes=False, steps, batc
                                 seq=seq, lr=lr, device=dev, objective=objective, val_fraction=val_fraction,
                                 seed=seed, distill_from=distill_from, alpha=alpha, model_path=model_path,
                                 micro_batch=micro_batch, fsdp=fsdp)
-        console.print(trainer.layout.describe())
         summary = run_training(trainer, console, resume, log_every, checkpoint_every, output, distill_from)
         history = (f"train:{trainer.objective}:steps={steps}" +
                    (f",distill={alpha:g}" if distill_from is not None else ""))
@@ -483,6 +482,9 @@ def run_training(trainer: Trainer, console, resume, log_every, checkpoint_every,
     val_start = trainer.validate()
     if val_start is not None:
         precision.check_finite_loss(val_start, start, trainer.lr, updated=trainer.updated)
+    # the log's first line; after the checks above, so that a refusal is the one line printed
+    console.print(trainer.layout.describe())
+    if val_start is not None:
         console.print(f"step {start}: validation loss {val_start:.4f} ({trainer.objective}, "
                       f"{len(trainer.train_tokens):,} training tokens, {len(trainer.val_tokens):,} held out, "
                       f"{trainer.device.type}, {trainer.precision.describe()})")
