@@ -138,7 +138,9 @@ def unshare_params(graph: ir.Graph) -> None:
 
 
 def normalize(model: ir.Model) -> ir.Model:
+    from .genai import split_skip_norms  # fused skip norms: the residual Add in its own node
     lift_constants(model.graph)
+    split_skip_norms(model.graph)
     inline_identity_params(model.graph)
     unshare_params(model.graph)
     unshare_small_ints(model.graph)

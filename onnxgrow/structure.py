@@ -34,7 +34,9 @@ from .dims import Dim, atoms, factors, product_of, same, unify
 from .errors import UnsupportedGraph
 from .normalize import normalize
 from .quantized import refuse_quantized
+from .registry import op_label
 from .shapeflow import ShapeFlow, analyse
+from .shapeflow.rules.attention import ROTARY_HALF
 from .views import CASTS, IDS, PASS_THROUGH, RESHAPES, SHAPE_OF, look_through  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -478,8 +480,15 @@ def find_attentions(g: ir.Graph, flow: ShapeFlow) -> tuple[list[Attention], list
     return attentions, missing
 
 
+# ONNX Runtime's fused attentions (com.microsoft) that take projected Q, K, V and count heads in attributes
+CONTRIB_ATTENTIONS = frozenset({"GroupQueryAttention", "MultiHeadAttention"})
+
+
 def is_attention_op(node: ir.Node) -> bool:
-    """The standard-domain Attention op (opset 23), which computes a whole attention in one node."""
+    """An op that computes a whole attention in one node: the standard-domain Attention (opset 23), or
+    ONNX Runtime's GroupQueryAttention / MultiHeadAttention."""
+    if node.domain == "com.microsoft":
+        return node.op_type in CONTRIB_ATTENTIONS
     return node.op_type == "Attention" and node.domain in ("", "ai.onnx")
 
 
@@ -490,17 +499,40 @@ def attention_op(flow: ShapeFlow, node: ir.Node) -> tuple[Attention | None, str 
     (through Reshape, Transpose, RotaryEmbedding and a grouped-query repeat); the output projection
     by walking forward. The head geometry comes from the Dims the node's dataflow rule gave Q.
     """
-    why = next((p.reason for p in flow.problems if p.node is node), None)
+    # a soft problem (rotary caches that block resizing head_dim) does not stop the matching
+    why = next((p.reason for p in flow.problems if p.node is node and p.reason != ROTARY_HALF), None)
     if why is not None:
         return None, f"{why} ({node.name!r})"
     is_proj = lambda n: is_projection(flow, n)  # noqa: E731
-    q_proj, k_proj, v_proj = (producers_back(node.inputs[i], is_proj) for i in range(3))
+    # a packed query (GroupQueryAttention) holds q | k | v: key and value are left out
+    qkv = [node.inputs[i] if len(node.inputs) > i and node.inputs[i] is not None else node.inputs[0]
+           for i in range(3)]
+    q_proj, k_proj, v_proj = (producers_back(v, is_proj) for v in qkv)
     o_proj = consumers_forward(node.outputs[0], is_proj)
     if not (len(q_proj) == len(k_proj) == len(v_proj) == len(o_proj) == 1):
-        return None, f"attention at the opset-23 Attention node {node.name!r}: projections not found"
+        return None, f"attention at the {op_label(node.domain, node.op_type)} node {node.name!r}: projections not found"
     att = Attention(node, q_proj[0], k_proj[0], v_proj[0], o_proj[0], q_proj[0] is k_proj[0])
-    att.kv_heads, att.group, att.head_dim = heads_from(flow, att, *attention_op_query(flow, node))
+    if node.domain == "com.microsoft":
+        att.kv_heads, att.group, att.head_dim = contrib_heads(flow, node)
+    else:
+        att.kv_heads, att.group, att.head_dim = heads_from(flow, att, *attention_op_query(flow, node))
     return att, None
+
+
+def contrib_heads(flow: ShapeFlow, node: ir.Node):
+    """(kv_heads, group, head_dim) of a GroupQueryAttention / MultiHeadAttention node, as its dataflow
+    rule split them: num_heads measures kv_heads x group, kv_num_heads (if any) kv_heads, and the
+    output [b, s, num_heads * head_dim]."""
+    q_heads = flow.attribute_meanings[(node, "num_heads")].dims[0]
+    kv = flow.attribute_meanings.get((node, "kv_num_heads"))
+    kv_heads = (kv.dims[0] if kv is not None else q_heads).root()
+    q_factors = factors(q_heads)
+    n = len(q_factors)
+    head_dim = product_of(factors(known_shape(flow, node.outputs[0], node, "the attention output")[-1])[n:])
+    if same(q_heads, kv_heads):
+        return kv_heads, None, head_dim.root()
+    group = [f for f in q_factors if not any(f is k for k in factors(kv_heads))]
+    return kv_heads, product_of(group).root(), head_dim.root()
 
 
 def attention_op_query(flow: ShapeFlow, node: ir.Node) -> tuple[list[Dim], Dim]:
@@ -707,7 +739,10 @@ def same_values(a: ir.Value, b: ir.Value) -> bool:
 
 def has_rotation(att: Attention) -> bool:
     """Rotary embeddings rotate half of each head: a Neg on the way from the Q projection to the scores,
-    or an opset-23 RotaryEmbedding node."""
+    or an opset-23 RotaryEmbedding node, or a fused attention that rotates (GroupQueryAttention's do_rotary)."""
+    do_rotary = att.softmax.attributes.get("do_rotary")
+    if is_attention_op(att.softmax) and do_rotary is not None and do_rotary.value:
+        return True
     seen, todo = set(), deque(att.q_proj.outputs)
     while todo:
         v = todo.popleft()
