@@ -16,7 +16,7 @@ from onnx import helper
 
 import onnxgrow
 from onnxgrow import modelio
-from onnxgrow.errors import UnsupportedGraph
+from onnxgrow.errors import OnnxgrowError, UnsupportedGraph
 from onnxgrow.subcloning import subclone_ir
 from onnxgrow.verify import validate
 from helpers import assert_close_to_scale, zoo_model
@@ -302,3 +302,14 @@ def test_4d_attention_with_a_cache_widens_exactly(tmp_path):
     assert_close_to_scale(report)
     wide = onnxgrow.inspect(out)
     assert (wide["num_heads"], wide["num_kv_heads"]) == (8, 4)
+
+
+def test_default_validation_compares_where_onnx_runtime_runs_the_source(zoo, tmp_path):
+    """ONNX Runtime 1.32 runs the Llama form at batch 1 only: widen's own check (validate's default
+    shapes, batch 1 to 3) compares at the batch-1 shape and says so, instead of failing on the source."""
+    source, out = zoo_model(zoo, "llama-gqa-dynamo23"), tmp_path / "wide.onnx"
+    onnx.save(onnxgrow.widen(source, 2), out)
+    report = validate(source, out)
+    assert report.passed and [c["input_ids"][0] for c in report.cases] == [1]
+    with pytest.raises(OnnxgrowError, match="cannot run .* at any of the shapes asked"):
+        validate(source, out, shapes=((2, 5), (3, 7)))
