@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import api, modelio
+from . import api, genai, modelio
 from .runtime import parse_provider
 from .errors import INTERNAL, NOT_PRESERVED, InternalError, OnnxgrowError, RuntimeRefused, first_line
 
@@ -216,8 +216,10 @@ def widen(model: Path = typer.Argument(..., help="source ONNX model"),
     label = f"widen{api.factor_label(factor)}x" if factor else f"widen-h{hidden}"
     output = output or api.default_output(model, label)
     exact = api.WIDTH_PASSES[method].exact
+    genai.fuse_skip_norms(wide)
     report = write_checked(wide, model, output, force, exact, verify, provider, tolerance)
     after = api.load_structure(wide).config()
+    genai.write_genai_folder(model, output, after)
     out.print(config_table(f"{model} -> {output} ({method})", before, after, headers=("source", "target")))
     finish(report, output)
 
@@ -247,7 +249,9 @@ def deepen(model: Path = typer.Argument(..., help="source ONNX model"),
     after = api.load_structure(deep).config()
     output = output or api.default_output(model, f"deepen-l{after['num_layers']}")
     exact = api.DEPTH_PASSES[method].exact and noise == 0
+    genai.fuse_skip_norms(deep)
     report = write_checked(deep, model, output, force, exact, verify, provider, tolerance)
+    genai.write_genai_folder(model, output, after)
     out.print(config_table(f"{model} -> {output} ({method})", before, after, headers=("source", "target")))
     finish(report, output)
 

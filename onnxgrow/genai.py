@@ -102,7 +102,7 @@ def fuse_skip_norms(model: ir.Model) -> int:
         keep_values(y, fused.outputs[0])
         if n_out == 4:
             for o in fused.outputs[1:3]:
-                o.name = None
+                o.name = ""  # mean and inverse std: not computed
             keep_values(total, fused.outputs[3])
         graph.remove(norm, safe=True)
         graph.remove(add, safe=True)
