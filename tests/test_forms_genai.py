@@ -136,3 +136,68 @@ def test_other_depths_run_and_validate(tmp_path, method):
     report = validate(FP32, out, shapes=BATCH_1, tolerance=1e9)
     assert all(np.isfinite(o.max_abs_diff) for o in report.outputs)
     assert onnxgrow.inspect(out)["num_layers"] == 4
+
+
+# --- the torch bridge against ONNX Runtime ------------------------------------------------------------------
+
+RNG = np.random.default_rng(14)
+
+
+def rand(*shape):
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def ints32(*values):
+    return np.array(values, dtype=np.int32)
+
+
+B, S, P, H = 1, 5, 3, 16  # batch, new tokens, cached tokens, head size (ORT: a multiple of 8)
+COS, SIN = rand(32, H // 2), rand(32, H // 2)
+BRIDGE_CASES = {
+    "gqa-packed-prompt-rotary": (dict(num_heads=4, kv_num_heads=2, do_rotary=1),
+                                 dict(query=rand(B, S, 8 * H), key=None, value=None, past_key=None, past_value=None,
+                                      seqlens_k=ints32(S - 1), total_sequence_length=np.array(S, np.int32),
+                                      cos_cache=COS, sin_cache=SIN), 3),
+    "gqa-packed-past-rotary-interleaved": (dict(num_heads=4, kv_num_heads=2, do_rotary=1, rotary_interleaved=1),
+                                           dict(query=rand(B, S, 8 * H), key=None, value=None,
+                                                past_key=rand(B, 2, P, H), past_value=rand(B, 2, P, H),
+                                                seqlens_k=ints32(P + S - 1),
+                                                total_sequence_length=np.array(P + S, np.int32),
+                                                cos_cache=COS, sin_cache=SIN), 3),
+    "gqa-separate-padded-batch-scale": (dict(num_heads=4, kv_num_heads=4, scale=0.2),
+                                        dict(query=rand(2, S, 4 * H), key=rand(2, S, 4 * H), value=rand(2, S, 4 * H),
+                                             past_key=None, past_value=None, seqlens_k=ints32(S - 1, S - 3),
+                                             total_sequence_length=np.array(S, np.int32)), 1),
+    "skip-simplified-norm": (dict(epsilon=1e-6), dict(x=rand(2, S, 8), skip=rand(2, S, 8), gamma=rand(8)), 4),
+    "simplified-norm": (dict(epsilon=1e-6, axis=-1), dict(x=rand(2, S, 8), gamma=rand(8)), 1),
+}
+OP_OF = {"gqa": ("GroupQueryAttention", "com.microsoft"), "skip": ("SkipSimplifiedLayerNormalization", "com.microsoft"),
+         "simplified": ("SimplifiedLayerNormalization", "")}
+
+
+@pytest.mark.parametrize("case", list(BRIDGE_CASES))
+def test_bridge_op_matches_onnxruntime(case):
+    import onnxruntime as ort
+    torch = pytest.importorskip("torch")
+    from onnx import TensorProto, helper
+    from onnxgrow import bridge
+    attrs, feeds, n_out = BRIDGE_CASES[case]
+    op, domain = OP_OF[case.split("-")[0]]
+    names = [k if v is not None else "" for k, v in feeds.items()]
+    outputs = (["y", "mean", "inv_std", "sum"] if op.startswith("Skip") else ["y", "present_key", "present_value"])[:n_out]
+    if op.startswith("Skip"):
+        outputs[1:3] = ["", ""]
+    node = helper.make_node(op, names, outputs, domain=domain, **attrs)
+    feeds = {k: v for k, v in feeds.items() if v is not None}
+    inputs = [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape) for k, v in feeds.items()]
+    proto = helper.make_model(helper.make_graph([node], "g", inputs, [
+        helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs if o]),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    proto.ir_version = 10
+    expected = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    got = bridge.to_torch(proto)(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+    assert len(got) == len(expected)
+    for g, e in zip(got.values(), expected):
+        g = g.detach().numpy()
+        assert g.shape == e.shape
+        assert np.abs(g - e).max() <= 1e-4 * np.abs(e).max()

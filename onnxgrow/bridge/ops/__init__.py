@@ -17,4 +17,4 @@ from ...registry import OpRegistry
 
 OPS = OpRegistry("torch implementation")
 
-from . import attention, elementwise, indexing, neural, shapes  # noqa: E402,F401  (each registers its ops in OPS)
+from . import attention, elementwise, genai_norms, indexing, neural, shapes  # noqa: E402,F401  (each registers its ops in OPS)
