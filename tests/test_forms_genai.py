@@ -201,3 +201,33 @@ def test_bridge_op_matches_onnxruntime(case):
         g = g.detach().numpy()
         assert g.shape == e.shape
         assert np.abs(g - e).max() <= 1e-4 * np.abs(e).max()
+
+
+def test_subclone_half_width_half_depth(tmp_path):
+    from onnxgrow.subcloning import subclone_ir
+    ids = np.random.default_rng(0).integers(0, 1000, (1, 24))
+    result = subclone_ir(modelio.load(FP32), ids, hidden=32, layers=1)
+    out = modelio.save(result.model, tmp_path / "sub.onnx")
+    report = validate(FP32, out, shapes=BATCH_1, tolerance=1e9)
+    assert all(np.isfinite(o.max_abs_diff) for o in report.outputs)
+    got = onnxgrow.inspect(out)
+    assert (got["hidden_size"], got["num_heads"], got["num_kv_heads"], got["num_layers"]) == (32, 2, 1, 1)
+    assert head_counts(out) == [(1, 2)]
+
+
+def test_train_two_steps_writes_a_model_onnxruntime_runs_in_its_form(tmp_path):
+    import io
+    from rich.console import Console
+    from onnxgrow import training
+    from onnxgrow.verify import make_inputs, run_model
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    out = tmp_path / "trained" / "model.onnx"
+    out.parent.mkdir()
+    summary = training.train(FP32, text, use_bytes=True, steps=2, batch=1, seq=16, lr=1e-3, output=out,
+                             console=Console(file=io.StringIO()))
+    assert len(summary["losses"]) == 2 and all(np.isfinite(summary["losses"]))
+    assert set(ops(out)) == set(ops(FP32))
+    feeds = make_inputs(FP32, 1, 6)
+    before, after = run_model(FP32, feeds, "cpu")["logits"], run_model(out, feeds, "cpu")["logits"]
+    assert np.isfinite(after).all() and not np.allclose(before, after)
