@@ -138,7 +138,11 @@ class TransformerSpec:
 # --- small graph helpers ------------------------------------------------------------------------
 
 def weight_of(flow: ShapeFlow, node: ir.Node):
-    """The (initializer, input index) of a MatMul/Gemm whose one operand is a weight, else None."""
+    """The (initializer, input index) of a MatMul/Gemm whose one operand is a weight, else None; of a
+    com.microsoft Attention, its packed q | k | v weight (the projection is inside the op)."""
+    if is_packed_weight_attention(node):
+        init, _ = flow.source_initializer(node.inputs[1])
+        return (init, 1) if init is not None else None
     if node.op_type not in ("MatMul", "Gemm"):
         return None
     for i in (1, 0):
@@ -481,7 +485,12 @@ def find_attentions(g: ir.Graph, flow: ShapeFlow) -> tuple[list[Attention], list
 
 
 # ONNX Runtime's fused attentions (com.microsoft) that take projected Q, K, V and count heads in attributes
-CONTRIB_ATTENTIONS = frozenset({"GroupQueryAttention", "MultiHeadAttention"})
+CONTRIB_ATTENTIONS = frozenset({"GroupQueryAttention", "MultiHeadAttention", "Attention"})
+
+
+def is_packed_weight_attention(node: ir.Node) -> bool:
+    """com.microsoft Attention: the Q, K and V projections are inside the op, one packed weight."""
+    return node.op_type == "Attention" and node.domain == "com.microsoft"
 
 
 def is_attention_op(node: ir.Node) -> bool:
@@ -504,6 +513,13 @@ def attention_op(flow: ShapeFlow, node: ir.Node) -> tuple[Attention | None, str 
     if why is not None:
         return None, f"{why} ({node.name!r})"
     is_proj = lambda n: is_projection(flow, n)  # noqa: E731
+    if is_packed_weight_attention(node):  # its own weight is the q | k | v projection
+        o_proj = consumers_forward(node.outputs[0], is_proj)
+        if len(o_proj) != 1:
+            return None, f"attention at the com.microsoft Attention node {node.name!r}: output projection not found"
+        att = Attention(node, node, node, node, o_proj[0], True)
+        att.kv_heads, att.group, att.head_dim = contrib_heads(flow, node)
+        return att, None
     # a packed query (GroupQueryAttention) holds q | k | v: key and value are left out
     qkv = [node.inputs[i] if len(node.inputs) > i and node.inputs[i] is not None else node.inputs[0]
            for i in range(3)]

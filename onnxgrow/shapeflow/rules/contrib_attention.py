@@ -116,3 +116,39 @@ def multi_head_attention(flow, node, ins):
     batch = q[0]
     flow.out(node, [batch, q[1], product_of([q_heads, v_dim])])
     cache_layout(flow, node, ins, 6, batch, q_heads, head_dim)
+
+
+@RULES.register("Attention", domain=MICROSOFT)
+def packed_weight_attention(flow, node, ins):
+    """com.microsoft Attention (what onnxruntime.transformers.optimizer writes for BERT and GPT-2): the
+    projection is inside the op. input [b, s, in], weights [in, q | k | v] (qkv_hidden_sizes, or three
+    equal parts), bias [q | k | v]; output [b, s, heads * v_head]; past/present [2, b, heads, s, head]."""
+    x, w = ins[0], ins[1] if len(ins) > 1 else None
+    num_heads = attr(node, "num_heads")
+    if x is None or w is None or len(x) != 3 or len(w) != 2 or num_heads is None:
+        return flow.fail(node, "a com.microsoft Attention node without a 3-D input, a 2-D weight or num_heads")
+    unify(x[-1], w[0])
+    flow.mark_contracted(node.inputs[1], 0)
+    sizes = attr(node, "qkv_hidden_sizes")
+    if sizes:
+        # a list attribute the Resizer does not rewrite: these widths stay as they are
+        for d in (w[1],):
+            flow.problems_if_resized(node, d, "qkv_hidden_sizes is not rewritten")
+    sizes = list(sizes) if sizes else ([w[1].size // 3] * 3 if w[1].size and w[1].size % 3 == 0 else None)
+    if sizes is None:
+        return flow.fail(node, f"a com.microsoft Attention weight of {w[1]} columns is not q | k | v")
+    q, k, v = refine(w[1], "cat", sizes)
+    heads, head_dim = heads_of(q, num_heads)
+    k_heads, k_dim = heads_of(k, num_heads)
+    v_heads, v_dim = heads_of(v, num_heads)
+    unify(k_heads, heads), unify(v_heads, heads), unify(k_dim, head_dim)
+    bias = ins[2] if len(ins) > 2 else None
+    if bias is not None:
+        unify(bias[-1], w[1])
+    mean_attribute(flow, node, "num_heads", heads)
+    flow.out(node, [x[0], x[1], product_of([heads, v_dim])])
+    if len(node.outputs) > 1 and node.outputs[1] is not None:
+        past = ins[4] if len(ins) > 4 else None
+        if past is not None and len(past) == 5:
+            unify(past[1], x[0]), unify(past[2], heads), unify(past[4], head_dim)
+        flow.out(node, [Dim(2), x[0], heads, Dim(None), head_dim], 1)
