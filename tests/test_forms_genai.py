@@ -168,10 +168,14 @@ BRIDGE_CASES = {
                                         dict(query=rand(2, S, 4 * H), key=rand(2, S, 4 * H), value=rand(2, S, 4 * H),
                                              past_key=None, past_value=None, seqlens_k=ints32(S - 1, S - 3),
                                              total_sequence_length=np.array(S, np.int32)), 1),
+    "rotary-3d": (dict(), dict(x=rand(2, S, 4 * H), position_ids=RNG.integers(0, 20, (2, S)).astype(np.int64),
+                                cos_cache=COS, sin_cache=SIN), 1),
+    "rotary-4d-interleaved-start": (dict(interleaved=1), dict(x=rand(2, 4, S, H), position_ids=np.array([3], np.int64),
+                                                             cos_cache=COS, sin_cache=SIN), 1),
     "skip-simplified-norm": (dict(epsilon=1e-6), dict(x=rand(2, S, 8), skip=rand(2, S, 8), gamma=rand(8)), 4),
     "simplified-norm": (dict(epsilon=1e-6, axis=-1), dict(x=rand(2, S, 8), gamma=rand(8)), 1),
 }
-OP_OF = {"gqa": ("GroupQueryAttention", "com.microsoft"), "skip": ("SkipSimplifiedLayerNormalization", "com.microsoft"),
+OP_OF = {"gqa": ("GroupQueryAttention", "com.microsoft"), "rotary": ("RotaryEmbedding", "com.microsoft"), "skip": ("SkipSimplifiedLayerNormalization", "com.microsoft"),
          "simplified": ("SimplifiedLayerNormalization", "")}
 
 

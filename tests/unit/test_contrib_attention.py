@@ -15,7 +15,7 @@ MS = "com.microsoft"
 def flow_of(node, inputs, outputs=1):
     graph = helper.make_graph(
         [node], "one",
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT if dims else TensorProto.INT32, dims)
+        [helper.make_tensor_value_info(name, TensorProto.INT64 if name == "pos" else TensorProto.FLOAT if dims else TensorProto.INT32, dims)
          for name, dims in inputs],
         [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in node.output[:outputs]])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)])
@@ -143,3 +143,12 @@ def test_one_node_gqa_model_widens_exactly_in_onnxruntime(tmp_path, factor):
     assert report.passed and report.outputs[0].max_abs_diff <= 1e-4, report.to_dict()
     heads = [(a.name, a.i) for n in onnx.load(str(out)).graph.node for a in n.attribute if a.name.endswith("heads")]
     assert sorted(heads) == [("kv_num_heads", 2 * factor), ("num_heads", 4 * factor)]
+
+
+def test_contrib_rotary_tells_heads_from_the_caches():
+    inputs = [("x", ["b", "s", 64]), ("pos", ["b", "s"]), ("cos", [128, 8]), ("sin", [128, 8])]
+    node = helper.make_node("RotaryEmbedding", [n for n, _ in inputs], ["y"], domain=MS)
+    flow = flow_of(node, inputs)
+    heads, head_dim = factors(shape(flow, "x")[-1])
+    assert (heads.size, head_dim.size) == (4, 16) and same(shape(flow, "y")[-1], shape(flow, "x")[-1])
+    assert {p.reason for p in flow.problems} == {"the rotary caches measure half of head_dim"}

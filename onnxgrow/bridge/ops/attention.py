@@ -166,3 +166,23 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: i
     real, imag = x1 * cos - x2 * sin, x1 * sin + x2 * cos
     rotated = torch.stack([real, imag], -1).flatten(-2) if interleaved else torch.cat([real, imag], -1)
     return torch.cat([rotated, keep], -1)
+
+
+@OPS.register("RotaryEmbedding", domain="com.microsoft")
+def contrib_rotary_embedding(dev, a, x, position_ids, cos_cache, sin_cache):
+    """com.microsoft RotaryEmbedding: [b, s, heads * head] or [b, heads, s, head]; position_ids [b, s], or
+    one start position for every row."""
+    shape = x.shape
+    if x.dim() == 3:
+        head = 2 * cos_cache.shape[-1] if not a.get("num_heads") else shape[-1] // a["num_heads"]
+        x = split_heads(x, shape[-1] // head)
+    s = x.shape[2]
+    pos = position_ids.long()
+    if pos.numel() == 1:
+        pos = (pos.reshape(1, 1) + torch.arange(s, device=pos.device)[None]).expand(x.shape[0], -1)
+    rot = a.get("rotary_embedding_dim", 0) or x.shape[-1]
+    cos, sin = cos_cache[pos][..., :rot // 2][:, None], sin_cache[pos][..., :rot // 2][:, None]
+    y = rotate(x, cos, sin, a.get("interleaved", 0))
+    if len(shape) == 3:
+        y = y.transpose(1, 2).reshape(shape)
+    return y

@@ -1,4 +1,5 @@
-"""ONNX Runtime's fused attention ops (com.microsoft): GroupQueryAttention, MultiHeadAttention.
+"""ONNX Runtime's fused attention ops (com.microsoft): GroupQueryAttention, MultiHeadAttention, Attention
+(the projection inside the op) and RotaryEmbedding.
 
 GroupQueryAttention (what the onnxruntime-genai builder writes) takes the query, key and value either
 packed in one tensor or apart:
@@ -64,8 +65,8 @@ def cache_layout(flow, node, ins, past_index: int, batch: Dim, kv_heads: Dim, he
             flow.out(node, [batch, kv_heads, total, head_dim], i)
 
 
-def rotary_caches(flow, node, cos: list[Dim] | None, head_dim: Dim):
-    if attr(node, "do_rotary", 0):
+def rotary_caches(flow, node, cos: list[Dim] | None, head_dim: Dim, always: bool = False):
+    if always or attr(node, "do_rotary", 0):
         flow.problems_if_resized(node, head_dim, ROTARY_HALF)
         if cos is not None:
             flow.problems_if_resized(node, cos[-1], ROTARY_HALF)
@@ -152,3 +153,24 @@ def packed_weight_attention(flow, node, ins):
         if past is not None and len(past) == 5:
             unify(past[1], x[0]), unify(past[2], heads), unify(past[4], head_dim)
         flow.out(node, [Dim(2), x[0], heads, Dim(None), head_dim], 1)
+
+
+@RULES.register("RotaryEmbedding", domain=MICROSOFT)
+def contrib_rotary_embedding(flow, node, ins):
+    """com.microsoft RotaryEmbedding: input [b, s, heads * head] (heads from num_heads, else from the
+    caches: head = 2 x cos_cache's last axis) or [b, heads, s, head]; the output keeps its shape."""
+    x = ins[0]
+    cos = ins[2] if len(ins) > 2 else None
+    if x is None or len(x) not in (3, 4):
+        return flow.fail(node, "a com.microsoft RotaryEmbedding node whose input is not 3-D or 4-D")
+    if len(x) == 4:
+        head_dim = x[-1]
+    elif attr(node, "num_heads"):
+        heads, head_dim = heads_of(x[-1], attr(node, "num_heads"))
+        mean_attribute(flow, node, "num_heads", heads)
+    elif cos is not None and cos[-1].size and x[-1].size and not attr(node, "rotary_embedding_dim"):
+        heads, head_dim = heads_of(x[-1], x[-1].size // (2 * cos[-1].size))
+    else:
+        return flow.fail(node, "a com.microsoft RotaryEmbedding node whose head size cannot be told")
+    flow.out(node, list(x))
+    rotary_caches(flow, node, cos, head_dim, always=True)
