@@ -322,7 +322,9 @@ def subclone(model: Path = typer.Argument(..., help="source ONNX model (the larg
                             ffn=ffn, layers=layers, keep_layers=parse_list(keep_layers, "--keep-layers"),
                             rescale=rescale, provider=provider, spec=spec)
     output = output or api.default_output(model, result.label)
+    genai.fuse_skip_norms(result.model)
     modelio.save(result.model, output, input_paths=(model,), force=force)
+    genai.write_genai_folder(model, output)
     if not report:
         out.print(f"wrote {output}")
         return

@@ -119,13 +119,16 @@ def is_genai_folder(model_path: Path) -> bool:
     return (Path(model_path).parent / CONFIG).is_file()
 
 
-def write_genai_folder(source: Path, output: Path, config: dict) -> Path | None:
+def write_genai_folder(source: Path, output: Path, config: dict | None = None) -> Path | None:
     """Beside `output`: genai_config.json from the source's, with `config`'s sizes (onnxgrow inspect's
-    keys) and the output's file name, and the source's tokenizer files. None where the source has no
-    genai_config.json beside it."""
+    keys; by default the output's own) and the output's file name, and the source's tokenizer files.
+    None where the source has no genai_config.json beside it."""
     source, output = Path(source), Path(output)
     if not is_genai_folder(source):
         return None
+    if config is None:
+        from .api import inspect
+        config = inspect(output)
     genai = json.loads((source.parent / CONFIG).read_text())
     decoder = genai["model"]["decoder"]
     decoder.update(filename=output.name, hidden_size=config["hidden_size"],

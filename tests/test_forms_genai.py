@@ -235,3 +235,17 @@ def test_train_two_steps_writes_a_model_onnxruntime_runs_in_its_form(tmp_path):
     feeds = make_inputs(FP32, 1, 6)
     before, after = run_model(FP32, feeds, "cpu")["logits"], run_model(out, feeds, "cpu")["logits"]
     assert np.isfinite(after).all() and not np.allclose(before, after)
+
+
+def test_subclone_command_writes_a_genai_folder(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    out = tmp_path / "sub" / "model.onnx"
+    result = cli("subclone", FP32, "--hidden", 32, "--layers", 1, "--calib", text, "--bytes", "--samples", 4,
+                 "--seq", 16, "--no-report", "-o", out)
+    assert result.exit_code == 0, result.output
+    decoder = json.loads((out.parent / "genai_config.json").read_text())["model"]["decoder"]
+    assert (decoder["hidden_size"], decoder["num_attention_heads"], decoder["num_key_value_heads"],
+            decoder["num_hidden_layers"]) == (32, 2, 1, 1)
+    assert "SkipSimplifiedLayerNormalization" in ops(out)
+    assert len(greedy_tokens(out.parent)) == 12
