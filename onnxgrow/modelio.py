@@ -558,7 +558,9 @@ def check_written(staged: Path) -> None:
     """A model onnxgrow wrote must pass onnx.checker; if it does not, that is onnxgrow's fault."""
     try:
         proto = onnx.load(str(staged), load_external_data=False)
-        if any(n.domain in ("", "ai.onnx") and n.op_type in RUNTIME_DEFAULT_DOMAIN_OPS for n in _all_nodes(proto.graph)):
+        runtime_ops = [n for n in _all_nodes(proto.graph)
+                       if n.domain in ("", "ai.onnx") and n.op_type in RUNTIME_DEFAULT_DOMAIN_OPS]
+        if runtime_ops:
             # ops ONNX Runtime defines in the default domain: set aside as on loading (the weights
             # stay out: their files were written by onnx-ir and are checked by the runtime check)
             skeleton = weightless_copy(proto, list(range(len(proto.graph.node))))

@@ -175,7 +175,8 @@ BRIDGE_CASES = {
     "skip-simplified-norm": (dict(epsilon=1e-6), dict(x=rand(2, S, 8), skip=rand(2, S, 8), gamma=rand(8)), 4),
     "simplified-norm": (dict(epsilon=1e-6, axis=-1), dict(x=rand(2, S, 8), gamma=rand(8)), 1),
 }
-OP_OF = {"gqa": ("GroupQueryAttention", "com.microsoft"), "rotary": ("RotaryEmbedding", "com.microsoft"), "skip": ("SkipSimplifiedLayerNormalization", "com.microsoft"),
+OP_OF = {"gqa": ("GroupQueryAttention", "com.microsoft"), "rotary": ("RotaryEmbedding", "com.microsoft"),
+         "skip": ("SkipSimplifiedLayerNormalization", "com.microsoft"),
          "simplified": ("SimplifiedLayerNormalization", "")}
 
 

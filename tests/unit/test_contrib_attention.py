@@ -12,11 +12,15 @@ from onnxgrow.shapeflow import analyse
 MS = "com.microsoft"
 
 
+def element_type(name, dims):
+    """Position ids are int64, the scalar counts int32, the rest float."""
+    return TensorProto.INT64 if name == "pos" else TensorProto.FLOAT if dims else TensorProto.INT32
+
+
 def flow_of(node, inputs, outputs=1):
     graph = helper.make_graph(
         [node], "one",
-        [helper.make_tensor_value_info(name, TensorProto.INT64 if name == "pos" else TensorProto.FLOAT if dims else TensorProto.INT32, dims)
-         for name, dims in inputs],
+        [helper.make_tensor_value_info(name, element_type(name, dims), dims) for name, dims in inputs],
         [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in node.output[:outputs]])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)])
     return analyse(ir.from_proto(model))
@@ -102,7 +106,7 @@ def test_one_node_gqa_model_widens_exactly_in_onnxruntime(tmp_path, factor):
     import onnxgrow
     from onnxgrow.verify import validate
     rng = np.random.default_rng(0)
-    w = lambda name, *s: helper.make_tensor(name, TensorProto.FLOAT, s, rng.normal(0, 0.3, s).astype(np.float32).ravel())  # noqa: E731
+    w = lambda name, *s: helper.make_tensor(name, TensorProto.FLOAT, s, rng.normal(0, 0.3, s).astype(np.float32).ravel())
     hidden, vocab = 16, 11
     nodes = [
         helper.make_node("Gather", ["emb", "ids"], ["x"]),
