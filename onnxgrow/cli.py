@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import api, modelio, progress
+from . import api, genai, modelio, progress
 from .runtime import parse_provider
 from .errors import INTERNAL, NOT_PRESERVED, InternalError, OnnxgrowError, RuntimeRefused, first_line
 
@@ -224,6 +224,7 @@ def widen(model: Path = typer.Argument(..., help="source ONNX model"),
     exact = api.WIDTH_PASSES[method].exact
     report = write_checked(wide, model, output, force, exact, verify, provider, tolerance)
     after = api.load_structure(wide).config()
+    genai.write_genai_folder(model, output, after)
     if as_json:
         return print_result("widen", model, output, method, before, after, report)
     out.print(config_table(f"{model} -> {output} ({method})", before, after, headers=("source", "target")))
@@ -258,6 +259,7 @@ def deepen(model: Path = typer.Argument(..., help="source ONNX model"),
     output = output or api.default_output(model, f"deepen-l{after['num_layers']}")
     exact = api.DEPTH_PASSES[method].exact and noise == 0
     report = write_checked(deep, model, output, force, exact, verify, provider, tolerance)
+    genai.write_genai_folder(model, output, after)
     if as_json:
         return print_result("deepen", model, output, method, before, after, report)
     out.print(config_table(f"{model} -> {output} ({method})", before, after, headers=("source", "target")))
@@ -348,6 +350,7 @@ def subclone(model: Path = typer.Argument(..., help="source ONNX model (the larg
                             rescale=rescale, provider=provider, spec=spec)
     output = output or api.default_output(model, result.label)
     modelio.save(result.model, output, input_paths=(model,), force=force)
+    genai.write_genai_folder(model, output)
     try:
         after = api.inspect(output)
         fidelity_report = subclone_fidelity(model, output, result, provider) if report else None

@@ -127,7 +127,7 @@ def run_alone(model: ir.Model, node: ir.Node, feeds: dict[str, np.ndarray], bias
             inputs.append(value)
         elif v.const_value is not None:
             value = ir.Value(name=v.name, shape=ir.Shape(v.const_value.shape), type=ir.TensorType(v.const_value.dtype),
-                             const_value=v.const_value)
+                             const_value=ir.tensor(v.const_value.numpy(), name=v.name))  # in memory: not the source's data file
             inits.append(value)
             inputs.append(value)
         else:

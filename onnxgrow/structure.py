@@ -35,7 +35,9 @@ from .errors import UnsupportedGraph
 from .fusednorms import is_skip_norm
 from .normalize import normalize
 from .quantized import refuse_quantized
+from .registry import op_label
 from .shapeflow import ShapeFlow, analyse
+from .shapeflow.rules.attention import ROTARY_HALF
 from .views import CASTS, IDS, PASS_THROUGH, RESHAPES, SHAPE_OF, look_through  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -138,7 +140,11 @@ class TransformerSpec:
 # --- small graph helpers ------------------------------------------------------------------------
 
 def weight_of(flow: ShapeFlow, node: ir.Node):
-    """The (initializer, input index) of a MatMul/Gemm whose one operand is a weight, else None."""
+    """The (initializer, input index) of a MatMul/Gemm whose one operand is a weight, else None; of a
+    com.microsoft Attention, its packed q | k | v weight (the projection is inside the op)."""
+    if is_packed_weight_attention(node):
+        init, _ = flow.source_initializer(node.inputs[1])
+        return (init, 1) if init is not None else None
     if node.op_type not in ("MatMul", "Gemm"):
         return None
     for i in (1, 0):
@@ -480,8 +486,20 @@ def find_attentions(g: ir.Graph, flow: ShapeFlow) -> tuple[list[Attention], list
     return attentions, missing
 
 
+# ONNX Runtime's fused attentions (com.microsoft) that take projected Q, K, V and count heads in attributes
+CONTRIB_ATTENTIONS = frozenset({"GroupQueryAttention", "MultiHeadAttention", "Attention"})
+
+
+def is_packed_weight_attention(node: ir.Node) -> bool:
+    """com.microsoft Attention: the Q, K and V projections are inside the op, one packed weight."""
+    return node.op_type == "Attention" and node.domain == "com.microsoft"
+
+
 def is_attention_op(node: ir.Node) -> bool:
-    """The standard-domain Attention op (opset 23), which computes a whole attention in one node."""
+    """An op that computes a whole attention in one node: the standard-domain Attention (opset 23), or
+    ONNX Runtime's GroupQueryAttention / MultiHeadAttention."""
+    if node.domain == "com.microsoft":
+        return node.op_type in CONTRIB_ATTENTIONS
     return node.op_type == "Attention" and node.domain in ("", "ai.onnx")
 
 
@@ -492,17 +510,47 @@ def attention_op(flow: ShapeFlow, node: ir.Node) -> tuple[Attention | None, str 
     (through Reshape, Transpose, RotaryEmbedding and a grouped-query repeat); the output projection
     by walking forward. The head geometry comes from the Dims the node's dataflow rule gave Q.
     """
-    why = next((p.reason for p in flow.problems if p.node is node), None)
+    # a soft problem (rotary caches that block resizing head_dim) does not stop the matching
+    why = next((p.reason for p in flow.problems if p.node is node and p.reason != ROTARY_HALF), None)
     if why is not None:
         return None, f"{why} ({node.name!r})"
     is_proj = lambda n: is_projection(flow, n)  # noqa: E731
-    q_proj, k_proj, v_proj = (producers_back(node.inputs[i], is_proj) for i in range(3))
+    if is_packed_weight_attention(node):  # its own weight is the q | k | v projection
+        o_proj = consumers_forward(node.outputs[0], is_proj)
+        if len(o_proj) != 1:
+            return None, f"attention at the com.microsoft Attention node {node.name!r}: output projection not found"
+        att = Attention(node, node, node, node, o_proj[0], True)
+        att.kv_heads, att.group, att.head_dim = contrib_heads(flow, node)
+        return att, None
+    # a packed query (GroupQueryAttention) holds q | k | v: key and value are left out
+    qkv = [node.inputs[i] if len(node.inputs) > i and node.inputs[i] is not None else node.inputs[0]
+           for i in range(3)]
+    q_proj, k_proj, v_proj = (producers_back(v, is_proj) for v in qkv)
     o_proj = consumers_forward(node.outputs[0], is_proj)
     if not (len(q_proj) == len(k_proj) == len(v_proj) == len(o_proj) == 1):
-        return None, f"attention at the opset-23 Attention node {node.name!r}: projections not found"
+        return None, f"attention at the {op_label(node.domain, node.op_type)} node {node.name!r}: projections not found"
     att = Attention(node, q_proj[0], k_proj[0], v_proj[0], o_proj[0], q_proj[0] is k_proj[0])
-    att.kv_heads, att.group, att.head_dim = heads_from(flow, att, *attention_op_query(flow, node))
+    if node.domain == "com.microsoft":
+        att.kv_heads, att.group, att.head_dim = contrib_heads(flow, node)
+    else:
+        att.kv_heads, att.group, att.head_dim = heads_from(flow, att, *attention_op_query(flow, node))
     return att, None
+
+
+def contrib_heads(flow: ShapeFlow, node: ir.Node):
+    """(kv_heads, group, head_dim) of a GroupQueryAttention / MultiHeadAttention node, as its dataflow
+    rule split them: num_heads measures kv_heads x group, kv_num_heads (if any) kv_heads, and the
+    output [b, s, num_heads * head_dim]."""
+    q_heads = flow.attribute_meanings[(node, "num_heads")].dims[0]
+    kv = flow.attribute_meanings.get((node, "kv_num_heads"))
+    kv_heads = (kv.dims[0] if kv is not None else q_heads).root()
+    q_factors = factors(q_heads)
+    n = len(q_factors)
+    head_dim = product_of(factors(known_shape(flow, node.outputs[0], node, "the attention output")[-1])[n:])
+    if same(q_heads, kv_heads):
+        return kv_heads, None, head_dim.root()
+    group = [f for f in q_factors if not any(f is k for k in factors(kv_heads))]
+    return kv_heads, product_of(group).root(), head_dim.root()
 
 
 def attention_op_query(flow: ShapeFlow, node: ir.Node) -> tuple[list[Dim], Dim]:
@@ -709,7 +757,10 @@ def same_values(a: ir.Value, b: ir.Value) -> bool:
 
 def has_rotation(att: Attention) -> bool:
     """Rotary embeddings rotate half of each head: a Neg on the way from the Q projection to the scores,
-    or an opset-23 RotaryEmbedding node."""
+    or an opset-23 RotaryEmbedding node, or a fused attention that rotates (GroupQueryAttention's do_rotary)."""
+    do_rotary = att.softmax.attributes.get("do_rotary")
+    if is_attention_op(att.softmax) and do_rotary is not None and do_rotary.value:
+        return True
     seen, todo = set(), deque(att.q_proj.outputs)
     while todo:
         v = todo.popleft()

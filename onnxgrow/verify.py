@@ -158,9 +158,57 @@ def plan_inputs(model: ir.Model) -> InputPlan:
     axes = [d if isinstance(d, str) else None for d in (ids.dims if ids else [])] + [None, None]
     batch_dim, seq_dim = axes[0], axes[1]
     # Whatever else is a plain symbol in a float input (a KV cache) is the cache length, in any layout.
+    sizes = cache_head_sizes(graph)
+    for s in specs:  # a cache axis named for a model size (genai's kv_cache_dim) has that size
+        s.dims = [sizes.get(d, d) if isinstance(d, str) else d for d in s.dims]
     past_dims = {d for s in specs if s.kind == "float" for d in s.dims
                  if isinstance(d, str) and d not in (batch_dim, seq_dim) and re.fullmatch(r"[A-Za-z_]\w*", d)}
     return InputPlan(specs, batch_dim, seq_dim, past_dims)
+
+
+# ONNX Runtime's fused attentions and the input index of their past key (the past value follows it)
+FUSED_ATTENTION_PAST = {"GroupQueryAttention": 3, "MultiHeadAttention": 6}
+
+
+def cache_head_sizes(graph: ir.Graph) -> dict[str, int]:
+    """{dim name: head size} for the last axis of past key/value inputs read by GroupQueryAttention or
+    MultiHeadAttention, where it is a name ("kv_cache_dim") and not a number. The head size is the
+    query's width over its heads: for a packed query, (num_heads + 2 kv_num_heads) heads."""
+    sizes = {}
+    for node in graph:
+        past = FUSED_ATTENTION_PAST.get(node.op_type) if node.domain == "com.microsoft" else None
+        if past is None or len(node.inputs) <= past + 1:
+            continue
+        width = _static_width(node.inputs[0])
+        heads = node.attributes.get("num_heads")
+        kv = node.attributes.get("kv_num_heads")
+        if width is None or heads is None:
+            continue
+        packed = len(node.inputs) < 2 or node.inputs[1] is None
+        n = heads.value + (2 * kv.value if packed and kv is not None else 0)
+        for v in node.inputs[past:past + 2]:
+            if v is not None and v.is_graph_input() and v.shape is not None and len(v.shape) == 4:
+                last = v.shape[3]
+                if not isinstance(last, int) and last.value and width % n == 0:
+                    sizes[last.value] = width // n
+    return sizes
+
+
+def _static_width(value: ir.Value) -> int | None:
+    """The last axis of an activation: declared, or the output width of the projection behind it."""
+    if value is None:
+        return None
+    if value.shape is not None and len(value.shape) and isinstance(value.shape[-1], int):
+        return value.shape[-1]
+    node = value.producer()
+    while node is not None and node.op_type in ("Add", "Cast", "Identity") and node.inputs[0] is not None:
+        if node.op_type == "Add" and node.inputs[0].producer() is None:
+            break
+        node = node.inputs[0].producer()
+    if node is not None and node.op_type == "MatMul" and node.inputs[1] is not None \
+            and node.inputs[1].const_value is not None and len(node.inputs[1].const_value.shape) == 2:
+        return int(node.inputs[1].const_value.shape[1])
+    return None
 
 
 # What a padding mask goes through on its way to the attention scores: 1 - m, m * -inf, where(m, ...).

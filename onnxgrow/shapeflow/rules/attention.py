@@ -25,6 +25,9 @@ from ...dims import Dim, DimConflict, product_of, same, unify
 from ..core import RULES, Meaning, attr
 
 
+ROTARY_HALF = "the rotary caches measure half of head_dim"  # a soft problem: blocks resizing head_dim only
+
+
 def mean_attribute(flow, node, name: str, dim: Dim):
     """Record that the int attribute `name` of `node` is the size of `dim` (where the node has it)."""
     value = attr(node, name)
@@ -138,6 +141,6 @@ def rotary_embedding(flow, node, ins):
     mean_attribute(flow, node, "num_heads", heads)
     flow.out(node, list(x))
     # the caches measure head_dim / 2 (or rotary_dim / 2): no Dim says "half of"
-    flow.problems_if_resized(node, head_dim, "the rotary caches measure half of head_dim")
+    flow.problems_if_resized(node, head_dim, ROTARY_HALF)
     if cos is not None:
-        flow.problems_if_resized(node, cos[-1], "the rotary caches measure half of head_dim")
+        flow.problems_if_resized(node, cos[-1], ROTARY_HALF)
