@@ -368,6 +368,8 @@ def subclone(model: Path = typer.Argument(..., help="source ONNX model (the larg
                   + ", ".join(f"{u:.3f}" for u in result.block_updates) + ")")
     if fidelity_report is not None:
         print_fidelity(fidelity_report)
+    if source_config.get("static_sequence"):
+        out.print(f"calibrated on windows of {result.held_out.shape[1]} tokens: the model's static sequence length")
     out.print(f"wrote {output}")
 
 

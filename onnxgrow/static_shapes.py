@@ -5,7 +5,7 @@ as a literal, so the model runs at exactly the batch x sequence it was exported 
 keep those shapes (the batch and the sequence are never resized). Whatever feeds the model (subclone's
 calibration and fidelity report, train, validate) fits its windows to them, option by option:
 
-    fit(asked, fixed) = fixed   when the option was not given (and says so, once, on stderr)
+    fit(asked, fixed) = fixed   when the option was not given (the command's report says so)
                       = asked   when the axis is dynamic, or asked == fixed
                       refused   otherwise, naming the size that fits
 
@@ -31,9 +31,9 @@ def fit(option: str, asked: int | None, fixed: int | None, default: int) -> int:
     """The value to use for `option` (e.g. "--seq") on a model whose axis is `fixed` (None: dynamic)."""
     if fixed is None:
         return default if asked is None else asked
-    if asked is None:
-        log.warning("%s %d: the model's inputs have a static %s of %d (a static-shape export)",
-                    option, fixed, AXIS_WORDS.get(option, "size"), fixed)
+    if asked is None:  # said by the command once it has run (a refusal stays the one line printed)
+        log.info("%s %d: the model's inputs have a static %s of %d (a static-shape export)",
+                 option, fixed, AXIS_WORDS.get(option, "size"), fixed)
         return fixed
     if asked != fixed:
         raise OnnxgrowError(f"{option} {asked} does not fit: the model's inputs have a static "

@@ -110,6 +110,7 @@ class Trainer:
         self.window = window_length(seq, objective)
         self.train_tokens, self.val_tokens = train_tokens, val_tokens
         self.model_path = model_path  # recorded in checkpoints and named in their errors
+        self.fixed_shape = fixed_batch  # a static-shape export: windows fit its batch and sequence
         # validation: fixed windows (spread over the held-out tokens) and fixed MLM masks
         n_windows = min(len(val_tokens) // self.window, MAX_VAL_WINDOWS)
         if fixed_batch and n_windows:  # a static-shape export takes whole batches only
@@ -484,6 +485,8 @@ def run_training(trainer: Trainer, console, resume, log_every, checkpoint_every,
         precision.check_finite_loss(val_start, start, trainer.lr, updated=trainer.updated)
     # the log's first line; after the checks above, so that a refusal is the one line printed
     console.print(trainer.layout.describe())
+    if trainer.fixed_shape:
+        console.print(f"windows of {trainer.seq} tokens, {trainer.layout.micro} per forward: the model's static shape")
     if val_start is not None:
         console.print(f"step {start}: validation loss {val_start:.4f} ({trainer.objective}, "
                       f"{len(trainer.train_tokens):,} training tokens, {len(trainer.val_tokens):,} held out, "

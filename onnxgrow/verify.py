@@ -597,6 +597,7 @@ class Report:
     past_length: int | None
     tolerance_note: str
     outputs: list[OutputCheck]
+    fixed_shapes: bool = False  # a static-shape export: every shape asked for became its own
 
     @property
     def passed(self) -> bool:
@@ -614,7 +615,7 @@ class Report:
     def to_dict(self) -> dict:
         return {"passed": self.passed, "exit_code": self.exit_code, "source": self.source, "target": self.target,
                 "provider": self.provider, "cases": self.cases, "past_length": self.past_length,
-                "tolerance": self.tolerance_note, "tolerances": self.tolerances,
+                "tolerance": self.tolerance_note, "tolerances": self.tolerances, "fixed_shapes": self.fixed_shapes,
                 "outputs": [o.to_dict() for o in self.outputs]}
 
     def print(self, console) -> None:
@@ -623,7 +624,9 @@ class Report:
         from rich.table import Table
 
         console.print(f"[bold]{escape(self.source)}[/] -> [bold]{escape(self.target)}[/] on {self.provider}, "
-                      f"{len(self.cases)} input case(s); tolerance {escape(self.tolerance_note)}")
+                      f"{len(self.cases)} input case(s)"
+                      + (" (the inputs' static shape)" if self.fixed_shapes else "")
+                      + f"; tolerance {escape(self.tolerance_note)}")
         show_copies = any(o.copies_max_abs is not None for o in self.outputs)
         show_dtype = len({(o.dtype, o.rule) for o in self.outputs}) > 1  # else the line above says it
         # no vertical rules and a whole name column: KV-cache models have many long output names
@@ -738,8 +741,9 @@ def validate(source: Path, target: Path, *, provider: str = "auto", inputs: Path
         raise RuntimeRefused(f"ONNX Runtime cannot run {source} at any of the shapes asked ("
                              f"{', '.join('x'.join(map(str, s)) for s in shapes)}); try batch 1", source)
     shapes_fed = [{name: list(array.shape) for name, array in feeds.items()} for feeds in ran]
+    fixed = inputs is None and text is None and len(shapes) > 1 and len(cases) == 1
     return Report(str(source), str(target), source_session.onnxgrow_provider, shapes_fed,
-                  past_length if plan.past_dims and inputs is None else None, note, list(checks.values()))
+                  past_length if plan.past_dims and inputs is None else None, note, list(checks.values()), fixed)
 
 
 def run_source(session, feeds: dict[str, np.ndarray], cases: int) -> dict[str, np.ndarray] | None:
@@ -764,8 +768,8 @@ def distinct_shapes(cases: list[dict[str, np.ndarray]]) -> list[dict[str, np.nda
         if key not in seen:
             seen.add(key)
             kept.append(feeds)
-    if len(kept) < len(cases):
-        log.warning("the inputs have static shapes: compared at %s only",
+    if len(kept) < len(cases):  # the report says so; a warning here would precede a refusal's one line
+        log.info("the inputs have static shapes: compared at %s only",
                     ", ".join(f"{n} {'x'.join(map(str, a.shape))}" for n, a in kept[0].items()))
     return kept
 
