@@ -45,17 +45,22 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", nargs="+", metavar="NAME", help="these zoo models (default: all)")
     p.add_argument("--shapes", help="input shapes, batch x seq, e.g. 1x5,1x9,1x16")
+    p.add_argument("--paths", nargs="+", type=Path, default=[],
+                   help="models outside the zoo (named by their folder), e.g. models/genai/llama-fp32/model.onnx")
     args = p.parse_args()
     if args.shapes:
         SHAPES = tuple(tuple(int(n) for n in s.split("x")) for s in args.shapes.split(","))
     from conftest import load_builder, ZOO
-    entries = [e for e in load_builder().build_zoo(ZOO, args.only) if "error" not in e]
+    zoo = [] if args.paths and not args.only else load_builder().build_zoo(ZOO, args.only)
+    entries = [dict(name=e["name"], file=ZOO / e["path"]) for e in zoo if "error" not in e]
+    entries += [dict(name=path.parent.name, file=path) for path in args.paths]
     tmp = Path(tempfile.mkdtemp())
     print("### Width: max abs diff / min cosine / top-1 agreement (logits)\n")
     print("| model | hypercloning x2 | fpi x1.5 | aki x1.5 | pad x1.5 | pad x1.5, noise 0.01 |")
     print("|---|---|---|---|---|---|")
     for e in entries:
-        src, c = ZOO / e["path"], e["config"]
+        src = e["file"]
+        c = onnxgrow.inspect(src)
         target = dict(hidden=c["hidden_size"] * 3 // 2, heads=c["num_heads"] * 3 // 2,
                       kv_heads=c["num_kv_heads"] * 3 // 2, ffn=c["ffn_size"] * 3 // 2)
         cells = [measure(onnxgrow.widen(src, 2), src, tmp)]
@@ -66,7 +71,7 @@ def main():
     print("| model | identity | stack | interleave |")
     print("|---|---|---|---|")
     for e in entries:
-        src = ZOO / e["path"]
+        src = e["file"]
         cells = []
         for method in ("identity", "stack", "interleave"):
             try:

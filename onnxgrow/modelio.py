@@ -110,13 +110,15 @@ def as_proto(model) -> onnx.ModelProto:
         duplicate.CopyFrom(model)
         return duplicate
     if isinstance(model, ir.Model):
-        return ir.to_proto(model)
+        # weights still in an external data file would be written as references to a file the
+        # proto's new home does not have: read them in (the tensors' values do not change)
+        return ir.to_proto(ir.external_data.load_to_model(model))
     raise OnnxgrowError(f"expected a model path, onnx.ModelProto or onnx_ir.Model, got {type(model).__name__}")
 
 
 def same_kind(result: ir.Model, given):
     """`result` in the form the caller gave its model in: a ModelProto for a path or a proto."""
-    return result if isinstance(given, ir.Model) else ir.to_proto(result)
+    return result if isinstance(given, ir.Model) else as_proto(result)
 
 
 # --- the protobuf, before anything uses it ----------------------------------------------------------------

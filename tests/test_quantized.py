@@ -171,3 +171,15 @@ def test_a_default_domain_op_only_onnx_runtime_defines_loads(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
     with pytest.raises(OnnxgrowError, match="not valid ONNX.*NoSuchOpAnywhere"):
         modelio.load(path)
+
+
+def test_a_model_with_external_data_comes_back_from_the_api_whole(tmp_path):
+    """onnxgrow.widen(path) returns a ModelProto: its weights must be in it, not references to the
+    source's external data file (saving it elsewhere would give a model with missing weights)."""
+    from pathlib import Path
+    source = Path(__file__).resolve().parent.parent / "models" / "genai" / "llama-fp32" / "model.onnx"
+    assert (source.parent / "model.onnx.data").exists()
+    wide = onnxgrow.widen(source, 2)
+    assert not [t.name for t in wide.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    onnx.save(wide, tmp_path / "wide.onnx")
+    assert onnxgrow.inspect(tmp_path / "wide.onnx")["hidden_size"] == 128
