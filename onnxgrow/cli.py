@@ -81,6 +81,9 @@ def one_line_errors(fn):
             raise typer.Exit(e.exit_code)
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
             raise
+        except BrokenPipeError:  # stdout's reader went away (`onnxgrow inspect m.onnx | head -3`)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exiting flushes nowhere
+            raise typer.Exit(1)
         except Exception as e:  # not raised on purpose: a bug in onnxgrow, reported as one
             err.print(f"[red]error:[/red] internal error ({type(e).__name__}): {first_line(e)} — this is a bug "
                       "in onnxgrow; please report it (run with --verbose for the traceback)",
