@@ -7,13 +7,18 @@ the model differs from the zoo's BERT in that one place.
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import onnx
 import pytest
+import torch
+from helpers import assert_close_to_scale, zoo_model
+from rich.console import Console
 
 import onnxgrow
-from onnxgrow.verify import validate
-from helpers import assert_close_to_scale, zoo_model
+from onnxgrow import bridge, modelio, training
+from onnxgrow.verify import plan_inputs, run_model, validate
 
 
 @pytest.fixture(scope="module")
@@ -77,11 +82,6 @@ def test_post_norm_deepens_by_copies(fused_bert, tmp_path, method):
 def test_train_two_steps_keeps_the_fused_attention_and_onnxruntime_runs_it(fused_bert, tmp_path):
     """train runs com.microsoft Attention in the torch bridge (whose forward agrees with ONNX Runtime on a
     right-padded batch, the [batch] mask_index the fusion writes) and writes the trained model fused."""
-    import io
-    import torch
-    from rich.console import Console
-    from onnxgrow import bridge, modelio, training
-    from onnxgrow.verify import plan_inputs, run_model
     path, config = fused_bert
     feeds = plan_inputs(modelio.load(path)).make(2, 12)
     feeds["attention_mask"][1, 8:] = 0  # right padding: mask_index is each row's length

@@ -14,7 +14,7 @@ still a softmax of its scores), and with unidirectional a key after the query's 
 the past's length) gets no weight. The key masks (mask_index, key_padding_mask) are:
 
     [b]        each row's end: keys at or after it are masked (right padding, what BERT's fusion writes)
-    [2b]       ends, then starts: keys before the start are masked too (left padding)
+    [2b]       ends, then starts: keys before the start are masked too (left padding; Attention only)
     [b, t]     1 = attend, 0 = masked, over all t = past + s keys (GPT-2's fusion writes this)
     [b, s, t]  the same per query
 
@@ -114,6 +114,9 @@ def multi_head_attention(dev, a, query, key=None, value=None, bias=None, key_pad
     refuse_extras("MultiHeadAttention", a, extras)
     if key is None or value is None or query.dim() != 3:
         raise NotImplementedError("MultiHeadAttention with packed query/key/value is not implemented in the bridge")
+    if key_padding_mask is not None and key_padding_mask.dim() == 1 and key_padding_mask.shape[0] != query.shape[0]:
+        raise NotImplementedError("MultiHeadAttention with a 1-D key_padding_mask other than [batch] is not "
+                                  "implemented in the bridge")  # ONNX Runtime's CPU kernel refuses it too
     heads = a["num_heads"]
     q_bias = k_bias = v_bias = None
     if bias is not None:
