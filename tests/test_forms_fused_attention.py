@@ -7,13 +7,18 @@ the model differs from the zoo's BERT in that one place.
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import onnx
 import pytest
+import torch
+from helpers import assert_close_to_scale, zoo_model
+from rich.console import Console
 
 import onnxgrow
-from onnxgrow.verify import validate
-from helpers import assert_close_to_scale, zoo_model
+from onnxgrow import bridge, modelio, training
+from onnxgrow.verify import plan_inputs, run_model, validate
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +77,28 @@ def test_post_norm_deepens_by_copies(fused_bert, tmp_path, method):
     report = validate(path, out, tolerance=1e9)
     assert all(np.isfinite(o.max_abs_diff) for o in report.outputs)
     assert onnxgrow.inspect(out)["num_layers"] == 2 * config["num_layers"]
+
+
+def test_train_two_steps_keeps_the_fused_attention_and_onnxruntime_runs_it(fused_bert, tmp_path):
+    """train runs com.microsoft Attention in the torch bridge (whose forward agrees with ONNX Runtime on a
+    right-padded batch, the [batch] mask_index the fusion writes) and writes the trained model fused."""
+    path, config = fused_bert
+    feeds = plan_inputs(modelio.load(path)).make(2, 12)
+    feeds["attention_mask"][1, 8:] = 0  # right padding: mask_index is each row's length
+    with torch.no_grad():
+        got = bridge.to_torch(onnx.load(str(path)))(**feeds)
+    want = run_model(path, feeds, "cpu")
+    for name, g in got.items():
+        assert np.abs(g.numpy() - want[name]).max() <= 1e-4 * max(1.0, np.abs(want[name]).max())
+
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200, encoding="utf-8")
+    out = tmp_path / "trained.onnx"
+    summary = training.train(path, text, use_bytes=True, steps=2, batch=2, seq=16, device="cpu", output=out,
+                             checkpoint_every=0, console=Console(file=io.StringIO()))
+    assert len(summary["losses"]) == 2 and all(np.isfinite(summary["losses"]))
+    attentions = [n for n in onnx.load(str(out)).graph.node if n.op_type == "Attention"]
+    assert len(attentions) == config["num_layers"] and all(n.domain == "com.microsoft" for n in attentions)
+    trained, before = run_model(out, feeds, "cpu"), run_model(path, feeds, "cpu")
+    assert all(np.isfinite(v).all() for v in trained.values())
+    assert any(not np.allclose(trained[k], before[k]) for k in before)  # the weights moved

@@ -10,11 +10,12 @@ may answer NotImplemented to fall back on the tensor op.
 attribute to an input at 13): the module picks, per node, the implementation for the model's opset.
 The ops are grouped by family: `elementwise` (math, comparisons, casts, activations), `neural`
 (matrix products, softmax, norms, reductions), `indexing` (gather, scatter, slice), `shapes` and
-`attention` (opset 23's Attention and RotaryEmbedding) and `fused` (ONNX Runtime's fused norms and activations).
+`attention` (opset 23's Attention and RotaryEmbedding, ONNX Runtime's GroupQueryAttention), `contrib_attention` (ONNX
+Runtime's Attention and MultiHeadAttention) and `fused` (ONNX Runtime's fused norms and activations).
 """
 
 from ...registry import OpRegistry
 
 OPS = OpRegistry("torch implementation")
 
-from . import attention, elementwise, fused, indexing, neural, shapes  # noqa: E402,F401  (each registers its ops in OPS)
+from . import attention, contrib_attention, elementwise, fused, indexing, neural, shapes  # noqa: E402,F401  (each registers its ops in OPS)
