@@ -281,7 +281,10 @@ def _simplified():
 def _fused():
     return [Spec("gpt2-ortopt-ts17", "gpt2", "torchscript", 17, dict(TINY), simplify="ort-optimizer"),
             Spec("bert-ortopt-ts17", "bert", "torchscript", 17, dict(TINY), simplify="ort-optimizer"),
-            Spec("llama-gqa-ortopt-ts17", "llama", "torchscript", 17, dict(GQA), simplify="ort-optimizer")]
+            Spec("llama-gqa-ortopt-ts17", "llama", "torchscript", 17, dict(GQA), simplify="ort-optimizer"),
+            # every default fusion: EmbedLayerNormalization, com.microsoft Attention, SkipLayerNormalization
+            # and BiasGelu, as a BERT served with ONNX Runtime is; tests/test_forms_ortfused.py names it
+            Spec("bert-ortfused-ts17", "bert", "torchscript", 17, dict(TINY), simplify="ort-fused")]
 
 
 MODELS = _zoo() + _loud() + _opset23() + _roles() + _static() + _simplified() + _fused()
@@ -547,13 +550,22 @@ ORT_MODEL_TYPES = {"gpt2": "gpt2", "bert": "bert", "llama": "qwen3"}  # family -
 
 def optimize_ort(model, spec):
     """onnxruntime.transformers.optimizer with the model's sizes, fusing norms and activations only."""
-    import onnx
     from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_model
-    model_type = ORT_MODEL_TYPES[spec.family]
-    options = FusionOptions(model_type)
+    options = FusionOptions(ORT_MODEL_TYPES[spec.family])
     options.enable_attention = False
     options.enable_rotary_embeddings = False
+    return run_ort_optimizer(model, spec, options)
+
+
+def optimize_ort_fully(model, spec):
+    """onnxruntime.transformers.optimizer with the model's sizes and its default fusions."""
+    return run_ort_optimizer(model, spec, None)
+
+
+def run_ort_optimizer(model, spec, options):
+    import onnx
+    from onnxruntime.transformers.optimizer import optimize_model
+    model_type = ORT_MODEL_TYPES[spec.family]
     optimized = optimize_model(model, model_type=model_type, num_heads=spec.sizes["heads"],
                                hidden_size=spec.sizes["hidden"], optimization_options=options, opt_level=0)
     model = optimized.model
@@ -563,9 +575,10 @@ def optimize_ort(model, spec):
 
 
 SIMPLIFIERS = {"onnxslim": ("onnxslim", simplify_onnxslim), "onnxsim": ("onnxsim", simplify_onnxsim),
-               "onnxscript": ("onnxscript", simplify_onnxscript), "ort-optimizer": ("onnxruntime", optimize_ort)}
+               "onnxscript": ("onnxscript", simplify_onnxscript), "ort-optimizer": ("onnxruntime", optimize_ort),
+               "ort-fused": ("onnxruntime", optimize_ort_fully)}
 # the simplifiers that need the spec (the model's sizes) besides the model
-NEEDS_SPEC = {"ort-optimizer"}
+NEEDS_SPEC = {"ort-optimizer", "ort-fused"}
 
 
 def simplify(spec, path):

@@ -307,6 +307,9 @@ def find_embeddings(g: ir.Graph, flow: ShapeFlow) -> Embeddings:
     """Gathers of rank-2 float tables, told apart by where their ids come from (lookup_role): the
     largest looked up by input ids holds the tokens; positions are computed (Range, CumSum, a slice
     of an arange buffer) or a position-ids input; token types are a constant id or a small input."""
+    fused = fused_embedding(g, flow)
+    if fused is not None:
+        return fused
     # a table stored in another dtype may be gathered from a Cast of it
     gathers, tables = [], {}
     for node in g:
@@ -336,6 +339,45 @@ def find_embeddings(g: ir.Graph, flow: ShapeFlow) -> Embeddings:
               token_table.name, vocab.size, hidden.size, token.name, position and position.name,
               types and types.name)
     return Embeddings(token_table, position, hidden, vocab, types, ids_source(token.inputs[1]))
+
+
+# com.microsoft EmbedLayerNormalization (onnxruntime.transformers.optimizer's BERT): the lookups of all
+# three tables and the embedding norm in one node. Inputs: ids, segment ids?, word, position, segment?,
+# gamma, beta, mask?, position ids?; outputs: the normed sum, mask_index (read by the fused
+# attentions), the sum itself?
+EMBED_NORM = "EmbedLayerNormalization"
+
+
+def is_embed_norm(node: ir.Node) -> bool:
+    return node.op_type == EMBED_NORM and node.domain == "com.microsoft"
+
+
+def fused_embedding(g: ir.Graph, flow: ShapeFlow) -> Embeddings | None:
+    """The tables of an EmbedLayerNormalization that reads the input ids, if the graph has one."""
+    node = next((n for n in g if is_embed_norm(n) and ids_source(n.inputs[0]).is_graph_input()), None)
+    if node is None:
+        return None
+
+    def table(index):
+        v = node.inputs[index] if len(node.inputs) > index else None
+        return None if v is None else (flow.source_initializer(v)[0] or v)
+
+    token = table(2)
+    if token is None or token.const_value is None or len(token.const_value.shape) != 2:
+        raise UnsupportedGraph("the word table of this EmbedLayerNormalization is not a 2-D initializer", node)
+    tie_copies(g, flow, token)
+    hidden, vocab = flow.dims[token][1].root(), flow.dims[token][0].root()
+    log.debug("token embedding %r in %s %r, position table %r, token-type table %r", token.name, EMBED_NORM,
+              node.name, table(3) and table(3).name, table(4) and table(4).name)
+    return Embeddings(token, table(3), hidden, vocab, table(4), ids_source(node.inputs[0]))
+
+
+def embed_norm(flow: ShapeFlow, node: ir.Node) -> Norm:
+    """The embedding norm inside an EmbedLayerNormalization (gamma, beta: inputs 5 and 6). Its input, the
+    sum of the lookups, is a value of the graph only when the node writes it (output 2); else the
+    normed output stands for it (the stream a post-norm model's first block reads)."""
+    summed = node.outputs[2] if len(node.outputs) > 2 and node.outputs[2] is not None else node.outputs[0]
+    return Norm("layernorm", summed, node.outputs[0], param_name(flow, node, 5), param_name(flow, node, 6))
 
 
 def folded_lookups(flow: ShapeFlow, token: ir.Node, hidden: Dim) -> tuple[ir.Value | None, ir.Value | None]:
@@ -811,6 +853,8 @@ def find_norms(g: ir.Graph, flow: ShapeFlow, hidden: Dim) -> list[Norm]:
     for node in g:
         if is_skip_norm(node):
             norms.append(skip_norm(flow, node))
+        elif is_embed_norm(node):
+            norms.append(embed_norm(flow, node))
         elif node.op_type in ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"):
             kind = "layernorm" if node.op_type == "LayerNormalization" else "rmsnorm"
             scale, bias = (param_name(flow, node, i) for i in (1, 2))
@@ -894,6 +938,10 @@ def position_of_norms(flow, blocks) -> str:
     if not b.norms:
         return "none"
     norm = b.norms[0]
+    if norm.input is norm.output:
+        # an EmbedLayerNormalization without its sum output: the first block reads the embedding norm's
+        # output with no norm of its own in between, which is post-norm
+        return "post"
     residual_adds = consumers_forward(b.attention.o_proj.outputs[0], lambda n: is_skip_norm(n) or (
         n.op_type == "Add" and all(is_activation(flow, v) for v in n.inputs)))
     if not residual_adds:
