@@ -262,10 +262,20 @@ def _forward_uses(value: ir.Value):
                 stack.extend(node.outputs)
 
 
+# ONNX Runtime's EmbedLayerNormalization: (input index of the ids, input index of the table they index)
+EMBED_LOOKUPS = {0: 2, 1: 4}  # input_ids -> word table, segment_ids -> segment table
+
+
 def _indexed_table_rows(value: ir.Value) -> int | None:
-    """Rows of the largest 2-D float table that `value` indexes through a Gather, if any."""
-    rows = [_table_rows(node.inputs[0]) for node, idx in _forward_uses(value)
-            if node.op_type == "Gather" and idx == 1]
+    """Rows of the largest 2-D float table that `value` indexes through a Gather (or ONNX Runtime's
+    EmbedLayerNormalization), if any."""
+    rows = []
+    for node, idx in _forward_uses(value):
+        if node.op_type == "Gather" and idx == 1:
+            rows.append(_table_rows(node.inputs[0]))
+        elif node.op_type == "EmbedLayerNormalization" and idx in EMBED_LOOKUPS \
+                and len(node.inputs) > EMBED_LOOKUPS[idx]:
+            rows.append(_table_rows(node.inputs[EMBED_LOOKUPS[idx]]))
     rows = [r for r in rows if r is not None]
     return max(rows, default=None)
 

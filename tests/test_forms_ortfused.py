@@ -152,3 +152,26 @@ def test_train_two_steps_writes_a_fused_model_ort_runs(form, tmp_path):
     outputs = run_model(out, plan_inputs(modelio.load(out)).make(2, 7), "cpu")
     assert all(np.isfinite(v).all() for v in outputs.values())
     assert fused_ops(out) == fused_ops(source)
+
+
+def test_validate_plans_the_same_inputs_as_for_the_unfused_export(zoo):
+    """The ids read by EmbedLayerNormalization index its word and segment tables: validate draws them
+    from those tables' rows, as it does for the Gathers of the unfused export."""
+    from onnxgrow import modelio
+    from onnxgrow.verify import plan_inputs
+    plans = [[(s.name, s.kind, s.rows) for s in plan_inputs(modelio.load(zoo_model(zoo, name))).specs]
+             for name in ("bert-ts17", "bert-ortfused-ts17")]
+    assert plans[0] == plans[1]
+
+
+def test_stacking_the_fused_export_gives_the_function_of_stacking_the_unfused_one(zoo, tmp_path):
+    from onnxgrow import modelio
+    from onnxgrow.verify import plan_inputs, run_model
+    plain, fused = zoo_model(zoo, "bert-ts17"), zoo_model(zoo, "bert-ortfused-ts17")
+    feeds = plan_inputs(modelio.load(plain)).make(2, 7)
+    outputs = []
+    for source in (plain, fused):
+        out = tmp_path / f"{source.parent.name}.onnx"
+        onnx.save(onnxgrow.deepen(source, factor=2, method="stack"), out)
+        outputs.append(next(iter(run_model(out, feeds, "cpu").values())))
+    assert np.abs(outputs[0] - outputs[1]).max() <= 1e-5 * np.abs(outputs[0]).max()
