@@ -167,7 +167,9 @@ class Resizer:
         """Node attributes that count heads (Attention's q_num_heads...) are literals too."""
         for (node, name), meaning in self.flow.attribute_meanings.items():
             if any(self.touches(d) for d in meaning.dims):
-                node.attributes[name] = ir.AttrInt64(name, int(meaning.new_value(self.new_size)))
+                value = meaning.new_value(self.new_size)
+                node.attributes[name] = ir.AttrInt64s(name, [int(v) for v in value]) if meaning.kind == "sizes" \
+                    else ir.AttrInt64(name, int(value))
 
     def rewrite_io(self):
         g = self.spec.model.graph

@@ -102,3 +102,23 @@ def test_train_two_steps_keeps_the_fused_attention_and_onnxruntime_runs_it(fused
     trained, before = run_model(out, feeds, "cpu"), run_model(path, feeds, "cpu")
     assert all(np.isfinite(v).all() for v in trained.values())
     assert any(not np.allclose(trained[k], before[k]) for k in before)  # the weights moved
+
+
+def test_qkv_hidden_sizes_are_rewritten_with_the_widths(fused_bert, tmp_path):
+    """An Attention that names its q, k and v widths (qkv_hidden_sizes) widens exactly, and the list
+    follows: [64, 64, 64] -> [128, 128, 128]."""
+    path, config = fused_bert
+    model = onnx.load(str(path))
+    hidden = config["hidden_size"]
+    for node in model.graph.node:
+        if node.op_type == "Attention":
+            node.attribute.append(onnx.helper.make_attribute("qkv_hidden_sizes", [hidden] * 3))
+    source, out = tmp_path / "named.onnx", tmp_path / "wide.onnx"
+    onnx.save(model, source)
+    onnx.save(onnxgrow.widen(source, 2), out)
+    report = validate(source, out)
+    assert report.passed, report.to_dict()
+    assert_close_to_scale(report)
+    sizes = [list(a.ints) for n in onnx.load(str(out)).graph.node if n.op_type == "Attention" for a in n.attribute
+             if a.name == "qkv_hidden_sizes"]
+    assert sizes == [[2 * hidden] * 3] * config["num_layers"]

@@ -43,13 +43,16 @@ class Elem:
 
 @dataclass
 class Meaning:
-    """What a literal in a shape constant stands for: a size, or an offset (sum of segment sizes)."""
-    kind: str  # "size" | "offset"
+    """What a literal in a shape constant stands for: a size, or an offset (sum of segment sizes); for
+    a list attribute (com.microsoft Attention's qkv_hidden_sizes), one size per element."""
+    kind: str  # "size" | "offset" | "sizes"
     dims: list[Dim]
 
-    def new_value(self, new_size) -> int:
+    def new_value(self, new_size) -> int | list[int]:
         if self.kind == "size":
             return new_size(self.dims[0])
+        if self.kind == "sizes":
+            return [new_size(d) for d in self.dims]
         return sum(new_size(d) for d in self.dims)
 
 

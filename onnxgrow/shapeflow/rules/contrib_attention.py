@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from ...dims import Dim, DimConflict, product_of, refine, unify
 from ...registry import MICROSOFT
-from ..core import RULES, attr, optional_input
+from ..core import RULES, Meaning, attr, optional_input
 from .attention import ROTARY_HALF, group_heads, heads_of, mean_attribute
 
 
@@ -130,15 +130,13 @@ def packed_weight_attention(flow, node, ins):
         return flow.fail(node, "a com.microsoft Attention node without a 3-D input, a 2-D weight or num_heads")
     unify(x[-1], w[0])
     flow.mark_contracted(node.inputs[1], 0)
-    sizes = attr(node, "qkv_hidden_sizes")
-    if sizes:
-        # a list attribute the Resizer does not rewrite: these widths stay as they are
-        for d in (w[1],):
-            flow.problems_if_resized(node, d, "qkv_hidden_sizes is not rewritten")
-    sizes = list(sizes) if sizes else ([w[1].size // 3] * 3 if w[1].size and w[1].size % 3 == 0 else None)
+    given = attr(node, "qkv_hidden_sizes")
+    sizes = list(given) if given else ([w[1].size // 3] * 3 if w[1].size and w[1].size % 3 == 0 else None)
     if sizes is None:
         return flow.fail(node, f"a com.microsoft Attention weight of {w[1]} columns is not q | k | v")
     q, k, v = refine(w[1], "cat", sizes)
+    if given:  # the widths of q, k and v: rewritten with them, like the head count
+        flow.attribute_meanings[(node, "qkv_hidden_sizes")] = Meaning("sizes", [q, k, v])
     heads, head_dim = heads_of(q, num_heads)
     k_heads, k_dim = heads_of(k, num_heads)
     v_heads, v_dim = heads_of(v, num_heads)
