@@ -62,7 +62,7 @@ TYPE_TABLE_MAX_ROWS = 16  # a small table indexed by an int input holds token ty
 @dataclass
 class InputSpec:
     name: str
-    kind: str  # tokens | token_types | positions | mask | float
+    kind: str  # tokens | token_types | positions | mask | float | seqlens_k | total_length
     dtype: np.dtype
     dims: list  # per axis: a fixed int, a dim_param string, or None when unknown
     rows: int | None = None  # rows of the embedding table this input indexes, when it indexes one
@@ -93,6 +93,10 @@ class InputPlan:
             return rng.integers(0, high, shape).astype(spec.dtype)
         if spec.kind == "positions":
             return _positions(spec, shape, past + seq)
+        if spec.kind == "seqlens_k":
+            return np.full(shape, past + seq - 1, dtype=spec.dtype)
+        if spec.kind == "total_length":
+            return np.full(shape, past + seq, dtype=spec.dtype)
         mask = np.ones(shape, dtype=spec.dtype)
         # one padded slot in the first row, so the masking path is exercised (but never a whole row)
         if len(shape) >= 2 and shape[0] > 1 and shape[-1] > 1:
@@ -215,9 +219,17 @@ def _static_width(value: ir.Value) -> int | None:
 MASK_ARITHMETIC = frozenset({"Sub", "Mul", "Where", "Equal", "Not", "Less", "Greater", "And", "Or", "Xor"})
 
 
+# GroupQueryAttention (com.microsoft) input index -> kind: seqlens_k holds, per row, the count of
+# cached and new tokens less one; total_sequence_length the count of cached and new tokens
+GQA_LENGTHS = {5: "seqlens_k", 6: "total_length"}
+
+
 def _classify_int_input(value: ir.Value, rows: int | None, largest: int | None) -> tuple[str, int | None]:
     """An int input's role, read from what the graph does with it; its name breaks the ties."""
     by_name = _role_by_name(value.name)
+    for node, idx in value.uses():  # GroupQueryAttention's lengths, given as graph inputs
+        if node.op_type == "GroupQueryAttention" and idx in GQA_LENGTHS:
+            return GQA_LENGTHS[idx], None
     if rows is not None:
         # the largest table looked up is the token embedding, a tiny one the token types; a name that
         # says which breaks the tie the sizes cannot (a vocabulary smaller than the position table)

@@ -250,3 +250,32 @@ def test_subclone_command_writes_a_genai_folder(tmp_path):
             decoder["num_hidden_layers"]) == (32, 2, 1, 1)
     assert "SkipSimplifiedLayerNormalization" in ops(out)
     assert len(greedy_tokens(out.parent)) == 12
+
+
+def test_validate_feeds_groupqueryattention_lengths_given_as_graph_inputs(tmp_path):
+    """seqlens_k and total_sequence_length as graph inputs (not computed from a mask, as the genai builder
+    does): validate gives them the counts of cached plus new tokens, and ONNX Runtime accepts them."""
+    import onnx
+    from onnx import TensorProto as T, helper
+    from onnxgrow import modelio
+    from onnxgrow.verify import plan_inputs, validate
+    f = lambda name, shape: helper.make_tensor_value_info(name, T.FLOAT, shape)  # noqa: E731
+    inputs = [f("query", ["batch", "sequence", 64]), f("key", ["batch", "sequence", 32]),
+              f("value", ["batch", "sequence", 32]), f("past_key", ["batch", 2, "past_sequence", 16]),
+              f("past_value", ["batch", 2, "past_sequence", 16]),
+              helper.make_tensor_value_info("seqlens_k", T.INT32, ["batch"]),
+              helper.make_tensor_value_info("total_sequence_length", T.INT32, [1])]
+    node = helper.make_node("GroupQueryAttention", [i.name for i in inputs], ["out", "present_key", "present_value"],
+                            domain="com.microsoft", num_heads=4, kv_num_heads=2)
+    graph = helper.make_graph([node], "gqa", inputs, [f("out", ["batch", "sequence", 64]),
+                                                      f("present_key", ["batch", 2, "total", 16]),
+                                                      f("present_value", ["batch", 2, "total", 16])])
+    path = tmp_path / "gqa.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                      helper.make_opsetid("com.microsoft", 1)]), path)
+    plan = plan_inputs(modelio.load(path))
+    assert {s.name: s.kind for s in plan.specs}["seqlens_k"] == "seqlens_k"
+    feeds = plan.make(1, 5, past_length=3)
+    assert feeds["seqlens_k"].tolist() == [7] and feeds["total_sequence_length"].tolist() == [8]
+    report = validate(path, path)
+    assert report.passed and report.cases
