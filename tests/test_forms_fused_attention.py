@@ -122,3 +122,58 @@ def test_qkv_hidden_sizes_are_rewritten_with_the_widths(fused_bert, tmp_path):
     sizes = [list(a.ints) for n in onnx.load(str(out)).graph.node if n.op_type == "Attention" for a in n.attribute
              if a.name == "qkv_hidden_sizes"]
     assert sizes == [[2 * hidden] * 3] * config["num_layers"]
+
+
+# --- MultiHeadAttention: the same fusion with use_multi_head_attention -------------------------------------
+# The projections stay MatMuls; their biases move into the op as one [q | k | v] bias.
+
+
+@pytest.fixture(scope="module")
+def mha_bert(zoo, tmp_path_factory):
+    optimizer = pytest.importorskip("onnxruntime.transformers.optimizer")
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    options = FusionOptions("bert")
+    options.use_multi_head_attention = True
+    for name in ("enable_embed_layer_norm", "enable_skip_layer_norm", "enable_bias_skip_layer_norm",
+                 "enable_bias_gelu", "enable_gelu", "enable_layer_norm"):
+        setattr(options, name, False)
+    config = zoo["bert-ts17"]["config"]
+    fused = optimizer.optimize_model(str(zoo_model(zoo, "bert-ts17")), model_type="bert", opt_level=0,
+                                     num_heads=config["num_heads"], hidden_size=config["hidden_size"],
+                                     optimization_options=options)
+    path = tmp_path_factory.mktemp("mha") / "bert-mha.onnx"
+    fused.save_model_to_file(str(path))
+    nodes = [n for n in onnx.load(str(path)).graph.node if n.op_type == "MultiHeadAttention"]
+    assert len(nodes) == config["num_layers"] and len(nodes[0].input) > 3 and nodes[0].input[3]  # with its bias
+    return path, config
+
+
+def test_multi_head_attention_every_command(mha_bert, tmp_path):
+    """inspect, hypercloning x2 (exact: the [q | k | v] bias inside the op is widened with q, k and v),
+    fpi/aki/pad/stack/interleave, subclone and train on a BERT whose attention is MultiHeadAttention."""
+    path, config = mha_bert
+    got = onnxgrow.inspect(path)
+    assert {k: got[k] for k in ("hidden_size", "num_heads", "num_layers", "ffn_size", "vocab_size")} == \
+        {k: config[k] for k in ("hidden_size", "num_heads", "num_layers", "ffn_size", "vocab_size")}
+    wide = tmp_path / "wide.onnx"
+    onnx.save(onnxgrow.widen(path, 2), wide)
+    report = validate(path, wide)
+    assert report.passed, report.to_dict()
+    assert_close_to_scale(report)
+    for method in ("fpi", "aki", "pad"):
+        onnx.save(onnxgrow.widen(path, method=method, hidden=96, heads=6, ffn=240), tmp_path / f"{method}.onnx")
+        assert all(np.isfinite(o.max_abs_diff) for o in validate(path, tmp_path / f"{method}.onnx").outputs)
+    for method in ("stack", "interleave"):
+        onnx.save(onnxgrow.deepen(path, factor=2, method=method), tmp_path / f"{method}.onnx")
+        assert onnxgrow.inspect(tmp_path / f"{method}.onnx")["num_layers"] == 2 * config["num_layers"]
+    ids = np.random.default_rng(0).integers(0, config["vocab_size"], 3000)
+    small = tmp_path / "small.onnx"
+    onnx.save(onnxgrow.subclone(path, ids, samples=6, seq=16, hidden=32, layers=1, provider="cpu"), small)
+    assert onnxgrow.inspect(small)["hidden_size"] == 32
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200, encoding="utf-8")
+    summary = training.train(path, text, use_bytes=True, steps=2, batch=2, seq=16, device="cpu",
+                             output=tmp_path / "trained.onnx", checkpoint_every=0, console=Console(file=io.StringIO()))
+    assert all(np.isfinite(summary["losses"]))
+    assert [n.op_type for n in onnx.load(str(tmp_path / "trained.onnx")).graph.node].count("MultiHeadAttention") == \
+        config["num_layers"]

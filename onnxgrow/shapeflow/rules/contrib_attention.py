@@ -15,7 +15,8 @@ are counts, not model sizes. With do_rotary, cos_cache/sin_cache are [max_positi
 which no Dim can say: resizing head_dim through them is refused, as for RotaryEmbedding.
 
 MultiHeadAttention takes separate query [b, s, num_heads * head_dim], key and value (3-D, or 4-D
-[b, heads, s_kv, head_dim] when they are already split into heads); past/present as above.
+[b, heads, s_kv, head_dim] when they are already split into heads), and with 3-D ones an optional bias
+[q | k | v] (the projections' biases, moved into the op by ORT's optimizer); past/present as above.
 
 The head-count attributes (num_heads, kv_num_heads) are literals the Resizer rewrites (see
 attention.mean_attribute).
@@ -114,6 +115,12 @@ def multi_head_attention(flow, node, ins):
         return flow.fail(node, f"a MultiHeadAttention node with {len(k)}-D key and {len(v)}-D value")
     unify(kv_heads, q_heads), unify(k_dim, head_dim)
     mean_attribute(flow, node, "num_heads", q_heads)
+    bias = ins[3] if len(ins) > 3 else None
+    if bias is not None:  # [q | k | v], added to the 3-D query, key and value inside the op
+        if len(k) != 3 or len(bias) != 1:
+            return flow.fail(node, "a MultiHeadAttention bias with key and value already split into heads")
+        for part, width in zip(refine(bias[0], "cat", [q[-1].size, k[-1].size, v[-1].size]), (q[-1], k[-1], v[-1])):
+            unify(part, width)
     batch = q[0]
     flow.out(node, [batch, q[1], product_of([q_heads, v_dim])])
     cache_layout(flow, node, ins, 6, batch, q_heads, head_dim)
