@@ -21,11 +21,13 @@ from onnxgrow import bridge, modelio, training
 from onnxgrow.verify import plan_inputs, run_model, validate
 
 
-@pytest.fixture(scope="module")
-def fused_bert(zoo, tmp_path_factory):
+def attention_fused_bert(zoo, folder, multi_head: bool = False):
+    """(path, config) of the zoo's bert-ts17 after ORT's optimizer with only attention fusion on: into
+    com.microsoft Attention, or with `multi_head` into MultiHeadAttention."""
     optimizer = pytest.importorskip("onnxruntime.transformers.optimizer")
     from onnxruntime.transformers.fusion_options import FusionOptions
     options = FusionOptions("bert")
+    options.use_multi_head_attention = multi_head
     for name in ("enable_embed_layer_norm", "enable_skip_layer_norm", "enable_bias_skip_layer_norm",
                  "enable_bias_gelu", "enable_gelu", "enable_layer_norm"):
         setattr(options, name, False)
@@ -33,8 +35,14 @@ def fused_bert(zoo, tmp_path_factory):
     fused = optimizer.optimize_model(str(zoo_model(zoo, "bert-ts17")), model_type="bert", opt_level=0,
                                      num_heads=config["num_heads"], hidden_size=config["hidden_size"],
                                      optimization_options=options)
-    path = tmp_path_factory.mktemp("fused") / "bert-attention.onnx"
+    path = folder / "bert-attention.onnx"
     fused.save_model_to_file(str(path))
+    return path, config
+
+
+@pytest.fixture(scope="module")
+def fused_bert(zoo, tmp_path_factory):
+    path, config = attention_fused_bert(zoo, tmp_path_factory.mktemp("fused"))
     attentions = [n for n in onnx.load(str(path)).graph.node if n.op_type == "Attention"]
     assert len(attentions) == config["num_layers"] and attentions[0].domain == "com.microsoft"
     return path, config
@@ -130,19 +138,7 @@ def test_qkv_hidden_sizes_are_rewritten_with_the_widths(fused_bert, tmp_path):
 
 @pytest.fixture(scope="module")
 def mha_bert(zoo, tmp_path_factory):
-    optimizer = pytest.importorskip("onnxruntime.transformers.optimizer")
-    from onnxruntime.transformers.fusion_options import FusionOptions
-    options = FusionOptions("bert")
-    options.use_multi_head_attention = True
-    for name in ("enable_embed_layer_norm", "enable_skip_layer_norm", "enable_bias_skip_layer_norm",
-                 "enable_bias_gelu", "enable_gelu", "enable_layer_norm"):
-        setattr(options, name, False)
-    config = zoo["bert-ts17"]["config"]
-    fused = optimizer.optimize_model(str(zoo_model(zoo, "bert-ts17")), model_type="bert", opt_level=0,
-                                     num_heads=config["num_heads"], hidden_size=config["hidden_size"],
-                                     optimization_options=options)
-    path = tmp_path_factory.mktemp("mha") / "bert-mha.onnx"
-    fused.save_model_to_file(str(path))
+    path, config = attention_fused_bert(zoo, tmp_path_factory.mktemp("mha"), multi_head=True)
     nodes = [n for n in onnx.load(str(path)).graph.node if n.op_type == "MultiHeadAttention"]
     assert len(nodes) == config["num_layers"] and len(nodes[0].input) > 3 and nodes[0].input[3]  # with its bias
     return path, config

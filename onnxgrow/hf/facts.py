@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from ..errors import UnsupportedGraph
 from ..dims import same
-from ..structure import Attention, Norm, TransformerSpec, output_width
+from ..structure import Attention, Norm, TransformerSpec, output_width, producers_back
 from ..views import SHAPE_OF
 
 NORM_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization")
@@ -210,17 +210,9 @@ def padding_id(spec: TransformerSpec) -> int | None:
     lookups = [c for c in table.consumers() if c.op_type == "Gather"] if table is not None else []
     if not lookups:
         return None
-    seen, todo = set(), deque([lookups[0].inputs[1]])
-    while todo:
-        v = todo.popleft()
-        node = v.producer() if v is not None else None
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if node.op_type == "Equal":
-            values = [constant(spec, i) for i in node.inputs]
-            found = [int(x.reshape(())) for x in values if x is not None and x.size == 1]
-            if found:
-                return found[0]
-        todo.extend(i for i in node.inputs if i is not None and not i.is_initializer())
-    return None
+
+    def scalar(node):  # the constant an Equal compares the ids with
+        values = [constant(spec, i) for i in node.inputs] if node.op_type == "Equal" else []
+        return next((int(x.reshape(())) for x in values if x is not None and x.size == 1), None)
+    found = producers_back(lookups[0].inputs[1], lambda node: scalar(node) is not None)
+    return scalar(found[0]) if found else None

@@ -45,6 +45,24 @@ def attention_bias(a, mask, q_len: int, kv_len: int, past_len: int, dtype, devic
     return bias
 
 
+def attend(q, k, v, a, bias_for) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax(q kᵀ · scale, softcapped, + bias) v in float32, the scores): k and v [b, kv_heads, t, d]
+    are repeated for grouped-query heads; `bias_for(scores)` gives the additive mask; a query row whose
+    keys are all masked gives zeros (as ONNX Runtime's kernels do)."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scale = a.get("scale") or 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(f32(q), f32(k).transpose(-1, -2)) * scale
+    softcap = a.get("softcap", 0.0)
+    if softcap and softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    bias = bias_for(scores)
+    probs = torch.softmax(scores + bias, -1)
+    probs = torch.where(torch.isneginf(bias.amax(-1, keepdim=True)), 0.0, probs)
+    return torch.matmul(probs, f32(v)), scores
+
+
 @OPS.register("Attention", since=23)
 def attention(dev, a, q, k, v, mask=None, past_key=None, past_value=None, *rest):
     if rest and any(r is not None for r in rest):
@@ -57,18 +75,9 @@ def attention(dev, a, q, k, v, mask=None, past_key=None, past_value=None, *rest)
     if past_key is not None:
         k, v = torch.cat([past_key, k], 2), torch.cat([past_value, v], 2)
     present_k, present_v = k, v
-    group = q.shape[1] // k.shape[1]
-    if group > 1:
-        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    scale = a.get("scale") or 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.matmul(f32(q), f32(k).transpose(-1, -2)) * scale
-    softcap = a.get("softcap", 0.0)
-    if softcap and softcap > 0:
-        scores = softcap * torch.tanh(scores / softcap)
-    bias = attention_bias(a, mask, q.shape[2], k.shape[2], past_len, scores.dtype, scores.device)
-    probs = torch.softmax(scores + bias, -1)
-    probs = torch.where(torch.isneginf(bias.amax(-1, keepdim=True)), 0.0, probs)  # rows with no key: zeros
-    y = torch.matmul(probs, f32(v)).to(dtype)
+    y, scores = attend(q, k, v, a, lambda s: attention_bias(a, mask, q.shape[2], k.shape[2], past_len, s.dtype,
+                                                            s.device))
+    y = y.to(dtype)
     if three_d:
         y = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], -1)
     return y if a["_nout"] == 1 else (y, present_k, present_v, scores)[:a["_nout"]]
@@ -141,18 +150,9 @@ def group_query_attention(dev, a, query, key=None, value=None, past_key=None, pa
     if past_key is not None and past_len:
         k, v = torch.cat([past_key, k], 2), torch.cat([past_value, v], 2)
     present_k, present_v = k, v
-    group = heads // kv_heads
-    if group > 1:
-        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    scale = a.get("scale") or 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.matmul(f32(q), f32(k).transpose(-1, -2)) * scale
-    softcap = a.get("softcap", 0.0)
-    if softcap and softcap > 0:
-        scores = softcap * torch.tanh(scores / softcap)
-    bias = gqa_bias(seqlens_k, q.shape[2], k.shape[2], past_len, a.get("local_window_size", -1), scores.dtype)
-    probs = torch.softmax(scores + bias, -1)
-    probs = torch.where(torch.isneginf(bias.amax(-1, keepdim=True)), 0.0, probs)
-    y = torch.matmul(probs, f32(v)).to(query.dtype)
+    y, _ = attend(q, k, v, a, lambda s: gqa_bias(seqlens_k, q.shape[2], k.shape[2], past_len,
+                                                  a.get("local_window_size", -1), s.dtype))
+    y = y.to(query.dtype)
     y = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], -1)
     return y if a["_nout"] == 1 else (y, present_k, present_v)[:a["_nout"]]
 
