@@ -23,7 +23,7 @@ import onnx
 
 from . import modelio
 from .errors import OnnxgrowError
-from .metadata import append_history
+from .metadata import append_history, record_stream_map
 from .passes import DEPTH_PASSES, WIDTH_PASSES
 from .resize import Resizer
 from .sizes import describe, head_counts, role_sizes
@@ -186,6 +186,19 @@ def deepen_target(num: int, layers, factor, at) -> int:
     return target
 
 
+def boundaries_after_insert(num_blocks: int, plan: dict[int, list[tuple[int, bool]]]) -> list[int | None]:
+    """For each boundary of the deepened model, the source boundary whose stream it carries: an
+    identity copy (zeroed output projections) passes its input on; any other copy changes the stream
+    from there on, so no later boundary stands for one of the source's."""
+    boundaries, same = [0], True
+    for i in range(num_blocks):
+        boundaries.append(i + 1 if same else None)
+        for _, zeroed in plan.get(i, []):
+            same = same and zeroed
+            boundaries.append(i + 1 if same else None)
+    return boundaries
+
+
 def deepen_ir(model, layers=None, *, factor=None, method="identity", at=None, noise=0.0,
               seed=0, spec: TransformerSpec | None = None):
     """Deepen an onnx_ir.Model in place (`spec`: its structure, when the caller has found it already)."""
@@ -201,6 +214,7 @@ def deepen_ir(model, layers=None, *, factor=None, method="identity", at=None, no
     before = set(model.graph.initializers)
     zeroed = insert_after(model.graph, blocks, plan)
     record_io_names(model)
+    record_stream_map(model, boundaries=boundaries_after_insert(len(blocks), plan))
     for name in zeroed:
         v = model.graph.initializers[name]
         set_tensor(v, np.zeros_like(v.const_value.numpy()))

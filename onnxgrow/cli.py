@@ -32,6 +32,8 @@ out = Console()
 err = Console(stderr=True)
 
 PROVIDER_HELP = "ONNX Runtime provider: auto | cpu | cuda | cuda:N"
+BLOCKWISE_HELP = ("compare block by block, in the memory of one block (the default when the two models hold over "
+                  "2 GB of weights, or a third of free memory); --whole-model runs each model whole")
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default" / "tiny-gpt2.onnx"
 verbose_mode = False  # set by --verbose, or ONNXGROW_DEBUG=1
 
@@ -133,11 +135,12 @@ def validate(source: Path, target: Path,
              text: Optional[str] = typer.Option(None, help="text to feed (with --tokenizer)"),
              tokenizer: Optional[Path] = typer.Option(None, help="tokenizer.json"),
              tolerance: Optional[float] = typer.Option(None, help="max abs diff allowed"),
+             blockwise: Optional[bool] = typer.Option(None, "--blockwise/--whole-model", help=BLOCKWISE_HELP),
              as_json: bool = typer.Option(False, "--json")):
     """Run SOURCE and TARGET in ONNX Runtime on the same inputs and compare every output."""
     from .verify import validate as run_validation
     report = run_validation(source, target, provider=provider, inputs=inputs, tolerance=tolerance,
-                            text=text, tokenizer=tokenizer)
+                            text=text, tokenizer=tokenizer, blockwise=blockwise)
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -173,7 +176,7 @@ def load_source(model: Path, dequantize: bool, verify: bool = True, provider: st
 
 
 def write_checked(model, source: Path, output: Path, force: bool, exact: bool, verify: bool,
-                  provider: str = "auto", tolerance: float | None = None):
+                  provider: str = "auto", tolerance: float | None = None, blockwise: bool | None = None):
     """Save atomically; for exact methods refuse (exit 1, nothing written) unless outputs match."""
     from .verify import validate as run_validation
     reports = []
@@ -183,7 +186,8 @@ def write_checked(model, source: Path, output: Path, force: bool, exact: bool, v
             return
         try:
             with progress.task("verifying in ONNX Runtime"):
-                report = run_validation(source, tmp_path, provider=provider, tolerance=tolerance)
+                report = run_validation(source, tmp_path, provider=provider, tolerance=tolerance,
+                                        blockwise=blockwise)
         except RuntimeRefused as e:
             if e.path is not None and Path(e.path) == Path(tmp_path):  # the source ran: ours did not
                 raise InternalError(f"ONNX Runtime cannot run the model written ({e}); nothing written") from e
@@ -211,6 +215,7 @@ def widen(model: Path = typer.Argument(..., help="source ONNX model"),
           output: Optional[Path] = typer.Option(None, "--output", "-o"),
           force: bool = typer.Option(False, help="replace an existing output"),
           verify: bool = typer.Option(True, help="run both models in ONNX Runtime and compare"),
+          blockwise: Optional[bool] = typer.Option(None, "--blockwise/--whole-model", help=BLOCKWISE_HELP),
           provider: str = typer.Option("auto", help=PROVIDER_HELP),
           dequantize: bool = typer.Option(False, help=DEQUANTIZE_HELP),
           as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
@@ -225,7 +230,7 @@ def widen(model: Path = typer.Argument(..., help="source ONNX model"),
     label = f"widen{api.factor_label(factor)}x" if factor else f"widen-h{hidden}"
     output = output or api.default_output(model, label)
     exact = api.WIDTH_PASSES[method].exact
-    report = write_checked(wide, model, output, force, exact, verify, provider, tolerance)
+    report = write_checked(wide, model, output, force, exact, verify, provider, tolerance, blockwise)
     after = api.load_structure(wide).config()
     genai.write_genai_folder(model, output, after)
     if as_json:
@@ -246,6 +251,7 @@ def deepen(model: Path = typer.Argument(..., help="source ONNX model"),
            output: Optional[Path] = typer.Option(None, "--output", "-o"),
            force: bool = typer.Option(False, help="replace an existing output"),
            verify: bool = typer.Option(True, help="run both models in ONNX Runtime and compare"),
+           blockwise: Optional[bool] = typer.Option(None, "--blockwise/--whole-model", help=BLOCKWISE_HELP),
            provider: str = typer.Option("auto", help=PROVIDER_HELP),
            dequantize: bool = typer.Option(False, help=DEQUANTIZE_HELP),
            as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
@@ -261,7 +267,7 @@ def deepen(model: Path = typer.Argument(..., help="source ONNX model"),
     after = api.load_structure(deep).config()
     output = output or api.default_output(model, f"deepen-l{after['num_layers']}")
     exact = api.DEPTH_PASSES[method].exact and noise == 0
-    report = write_checked(deep, model, output, force, exact, verify, provider, tolerance)
+    report = write_checked(deep, model, output, force, exact, verify, provider, tolerance, blockwise)
     genai.write_genai_folder(model, output, after)
     if as_json:
         return print_result("deepen", model, output, method, before, after, report)

@@ -27,7 +27,7 @@ import onnx_ir as ir
 
 from .dims import Dim, atoms
 from .errors import UnsupportedGraph
-from .metadata import IO_MAP_KEY
+from .metadata import IO_MAP_KEY, record_stream_map
 from .structure import TransformerSpec
 
 
@@ -195,6 +195,8 @@ class Resizer:
                     out.shape = None
         model = self.spec.model
         model.metadata_props[IO_MAP_KEY] = compose_io_maps(model.metadata_props.get(IO_MAP_KEY), io_map)
+        if self.touches(self.spec.hidden):
+            record_stream_map(model, hidden=self.index_map(self.spec.hidden).tolist())
 
 
 def compose_io_maps(previous: str | None, new: dict) -> str:

@@ -200,6 +200,25 @@ def _create(path, providers: list) -> ort.InferenceSession:
     return session
 
 
+def open_from_bytes(model: bytes, data_folder: Path | None, provider: str, label: str):
+    """A session for a model held in memory (a cut of a bigger one) whose weights stay in the external
+    data files of `data_folder`; `label` names it in errors."""
+    check_single_runtime()
+    options = session_options()
+    if data_folder is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(data_folder))
+    providers = resolve_providers(provider)
+    if providers[0] != CPU:
+        preload_cuda()
+    try:
+        session = ort.InferenceSession(model, options, providers=providers, enable_fallback=0)
+    except Exception as e:
+        raise RuntimeRefused(f"onnxruntime could not load {label}: {one_line(e)}", label) from e
+    session.onnxgrow_path = label
+    session.onnxgrow_provider = session.get_providers()[0]
+    return session
+
+
 def _session_with_small_tensors_inline(path: Path, options, providers) -> ort.InferenceSession:
     """Open a model whose shape constants (Reshape shapes, Unsqueeze axes) live in external data.
 
@@ -289,7 +308,7 @@ def run_model(model, feeds: dict[str, np.ndarray], provider: str = "auto") -> di
 
 
 def to_ortvalue(array: np.ndarray) -> ort.OrtValue:
-    array = np.ascontiguousarray(array)
+    array = np.asarray(array, order="C")  # not ascontiguousarray: it makes a scalar 1-d
     if array.dtype == ml_dtypes.bfloat16:
         return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16), onnx.TensorProto.BFLOAT16)
     return ort.OrtValue.ortvalue_from_numpy(array)

@@ -22,7 +22,7 @@ from .calibrate import mean_abs, windows
 from .static_shapes import fit
 from .dims import atoms
 from .errors import OnnxgrowError
-from .metadata import append_history
+from .metadata import append_history, record_stream_map
 from .passes import subclone as method
 from .resize import Resizer, set_tensor
 from .sizes import head_counts, role_sizes
@@ -129,6 +129,8 @@ def subclone_ir(model: ir.Model, ids: np.ndarray, *, hidden=None, heads=None, kv
     keep_everywhere(model, spec, kept, stats, norms, rescale)
     removed = remove_weak_blocks(model, spec, updates, target_layers, keep_layers)
     fuse_split_norms(model.graph)  # measuring split the Skip norms at block boundaries: the source's form again
+    # a smaller model computes something else: none of its residual streams stands for the source's
+    record_stream_map(model, boundaries=[None] * (num - len(removed) + 1))
     append_history(model, f"subclone:hidden={sizes[spec.hidden]},layers={num - len(removed)},removed={removed}")
     plans = kept.plans
     return SubcloneResult(model, plans[spec.hidden].source.tolist() if spec.hidden in plans

@@ -35,7 +35,7 @@ import onnx_ir as ir
 from . import modelio
 from . import tolerance as tol
 from .errors import NOT_PRESERVED, OnnxgrowError, RuntimeRefused, first_line
-from .metadata import IO_MAP_KEY, IO_NAMES_KEY
+from .metadata import IO_MAP_KEY, IO_NAMES_KEY, stream_map
 # Sessions live in onnxgrow/runtime.py (providers, CUDA preload, no silent fallback); these names stay
 # importable from validate for the callers that know them from there.
 from .runtime import one_line, open_session, resolve_providers, run_model  # noqa: F401
@@ -620,10 +620,16 @@ class Report:
     tolerance_note: str
     outputs: list[OutputCheck]
     fixed_shapes: bool = False  # a static-shape export: every shape asked for became its own
+    blocks: list[OutputCheck] = field(default_factory=list)  # the stream after each block (blockwise)
+    mode: str = "whole"  # or "blockwise"
 
     @property
     def passed(self) -> bool:
-        return all(o.passed for o in self.outputs)
+        return all(o.passed for o in self.outputs + self.blocks)
+
+    @property
+    def first_differing_block(self) -> str | None:
+        return next((b.name for b in self.blocks if not b.passed), None)
 
     @property
     def exit_code(self) -> int:
@@ -638,7 +644,8 @@ class Report:
         return {"passed": self.passed, "exit_code": self.exit_code, "source": self.source, "target": self.target,
                 "provider": self.provider, "cases": self.cases, "past_length": self.past_length,
                 "tolerance": self.tolerance_note, "tolerances": self.tolerances, "fixed_shapes": self.fixed_shapes,
-                "outputs": [o.to_dict() for o in self.outputs]}
+                "outputs": [o.to_dict() for o in self.outputs], "mode": self.mode,
+                "blocks": [b.to_dict() for b in self.blocks], "first_differing_block": self.first_differing_block}
 
     def print(self, console) -> None:
         from rich import box
@@ -676,7 +683,23 @@ class Report:
         for o in self.outputs:
             if not o.passed:
                 console.print(f"{escape(o.name)}: {escape(o.note) if o.note else _why(o)}")
+        self.print_blocks(console)
         console.print("[green]outputs preserved[/]" if self.passed else "[red]outputs NOT preserved[/]")
+
+    def print_blocks(self, console) -> None:
+        if self.mode != "blockwise":
+            return
+        from rich.markup import escape
+        if not self.blocks:
+            console.print("checked block by block; no residual stream stands for the source's (blocks changed)")
+            return
+        worst = max(self.blocks, key=lambda b: b.max_rel_diff)
+        console.print(f"checked block by block: the residual stream after {len(self.blocks)} boundaries, "
+                      f"worst {escape(worst.name)} (max abs {_fmt(worst.max_abs_diff)}, rel {_fmt(worst.max_rel_diff)})")
+        first = next((b for b in self.blocks if not b.passed), None)
+        if first is not None:
+            console.print(f"[red]first block that differs: {escape(first.name)}[/] "
+                          f"({escape(first.note) if first.note else _why(first)})")
 
 
 def _why(o: OutputCheck) -> str:
@@ -711,8 +734,11 @@ def tolerance_note(outputs: list[OutputCheck], given: float | None) -> str:
 
 def validate(source: Path, target: Path, *, provider: str = "auto", inputs: Path | None = None,
              tolerance: float | None = None, shapes=DEFAULT_SHAPES, past_length: int = 3, seed: int = 0,
-             text: str | None = None, tokenizer: Path | None = None) -> Report:
-    """Run `source` and `target` on the same inputs and compare every source output."""
+             text: str | None = None, tokenizer: Path | None = None, blockwise: bool | None = None) -> Report:
+    """Run `source` and `target` on the same inputs and compare every source output.
+
+    `blockwise`: run each model one block at a time (onnxgrow/blockwise.py) and compare the residual
+    stream after every block too; None chooses it for models too big to hold two at once."""
     source, target = Path(source), Path(target)
     if inputs is not None and text is not None:
         raise OnnxgrowError("give either an inputs file or a text, not both")
@@ -732,40 +758,145 @@ def validate(source: Path, target: Path, *, provider: str = "auto", inputs: Path
     else:
         cases = distinct_shapes([plan.make(batch, seq, past_length, seed) for batch, seq in shapes])
 
-    # bfloat16 graphs that ONNX Runtime cannot run on this provider run in the torch bridge (the report says so)
-    source_session = open_session(source, provider, bridge_fallback=True)
-    target_session = open_session(target, provider, bridge_fallback=True)
     # target name -> the source name it stands for (a deepened KV-cache model renumbers its caches;
     # a copied block's new past inputs are fed its original's past)
     feeds_from = {v.name: io_names["inputs"].get(v.name, v.name)
                   for v in target_model.graph.inputs if v.const_value is None}
-    compared = {o.name: io_names["outputs"].get(o.name, o.name) for o in target_session.get_outputs()}
-    compared = {t: s for t, s in compared.items() if s is not None}
-    checks: dict[str, OutputCheck] = {}
+
+    def to_target(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {name: map_input(feeds[src], io_map["inputs"].get(name, {}), name) for name, src in feeds_from.items()}
+
     weights = weights_dtype(source_model, target_model)
     partial_ok = shrinks(source_model, target_model)
-    ran = []
-    for feeds in cases:
-        expected = run_source(source_session, feeds, len(cases))
-        if expected is None:
-            continue
-        ran.append(feeds)
-        target_feeds = {name: map_input(feeds[src], io_map["inputs"].get(name, {}), name)
-                        for name, src in feeds_from.items()}
-        got = run_model(target_session, target_feeds)
+    segments = None
+    if choose_blockwise(blockwise, source_model, target_model):
+        segments = cut_both(source_model, target_model, forced=blockwise is True)
+    if segments is not None:
+        runs = blockwise_runs(source, target, source_model, target_model, segments, cases, to_target, provider)
+    else:
+        runs = whole_runs(source, target, cases, to_target, provider)
+    if not runs.cases:
+        raise RuntimeRefused(f"ONNX Runtime cannot run {source} at any of the shapes asked ("
+                             f"{', '.join('x'.join(map(str, s)) for s in shapes)}); try batch 1", source)
+
+    compared = {o.name: io_names["outputs"].get(o.name, o.name) for o in target_model.graph.outputs}
+    compared = {t: s for t, s in compared.items() if s is not None}
+    checks: dict[str, OutputCheck] = {}
+    for expected, got in zip(runs.expected, runs.got):
         for name, src in compared.items():
             if name not in checks:
                 checks[name] = new_check(name, expected[src], got[name], weights, tolerance)
             _compare(checks[name], got[name], expected[src], io_map["outputs"].get(name, {}), partial_ok)
+    blocks = stream_checks(runs, stream_map(target_model), weights, tolerance, partial_ok)
 
     note = tolerance_note(list(checks.values()), tolerance)
-    if not ran:
-        raise RuntimeRefused(f"ONNX Runtime cannot run {source} at any of the shapes asked ("
-                             f"{', '.join('x'.join(map(str, s)) for s in shapes)}); try batch 1", source)
-    shapes_fed = [{name: list(array.shape) for name, array in feeds.items()} for feeds in ran]
+    shapes_fed = [{name: list(array.shape) for name, array in feeds.items()} for feeds in runs.cases]
     fixed = inputs is None and text is None and len(shapes) > 1 and len(cases) == 1
-    return Report(str(source), str(target), source_session.onnxgrow_provider, shapes_fed,
-                  past_length if plan.past_dims and inputs is None else None, note, list(checks.values()), fixed)
+    return Report(str(source), str(target), runs.provider, shapes_fed,
+                  past_length if plan.past_dims and inputs is None else None, note, list(checks.values()), fixed,
+                  blocks, "blockwise" if runs.streams else "whole")
+
+
+# --- running both models ------------------------------------------------------------------------------
+
+
+BLOCKWISE_ABOVE = 2 * 2**30  # source + target weights, bytes: above this both models are not held at once
+
+
+@dataclass
+class Runs:
+    cases: list[dict[str, np.ndarray]]  # the source inputs of the cases that ran
+    expected: list[dict[str, np.ndarray]]  # the source's outputs, per case
+    got: list[dict[str, np.ndarray]]  # the target's
+    provider: str
+    streams: list[tuple[list, list]] = field(default_factory=list)  # blockwise: (source's, target's) per case
+
+
+def choose_blockwise(asked: bool | None, source_model: ir.Model, target_model: ir.Model) -> bool:
+    """Blockwise when asked, or, unasked, when the two models' weights together pass BLOCKWISE_ABOVE
+    or a third of the memory available now."""
+    if asked is not None:
+        return asked
+    pair = modelio.weight_bytes(source_model) + modelio.weight_bytes(target_model)
+    big = pair > min(BLOCKWISE_ABOVE, available_memory() / 3)
+    if big:
+        log.info("verifying block by block: the two models hold %.1f GB of weights", pair / 1e9)
+    return big
+
+
+def available_memory() -> float:
+    """Bytes of memory available now (Linux's MemAvailable); infinite where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return math.inf
+
+
+def whole_runs(source: Path, target: Path, cases, to_target, provider: str) -> Runs:
+    """Both models whole, each in one session (bfloat16 graphs ONNX Runtime cannot run on this
+    provider run in the torch bridge; the report says so)."""
+    source_session = open_session(source, provider, bridge_fallback=True)
+    target_session = open_session(target, provider, bridge_fallback=True)
+    runs = Runs([], [], [], source_session.onnxgrow_provider)
+    for feeds in cases:
+        expected = run_source(source_session, feeds, len(cases))
+        if expected is not None:
+            runs.cases.append(feeds)
+            runs.expected.append(expected)
+            runs.got.append(run_model(target_session, to_target(feeds)))
+    return runs
+
+
+def cut_both(source_model: ir.Model, target_model: ir.Model, forced: bool):
+    """Both models' segments; None, when not forced, for a pair the matcher cannot cut at its blocks
+    (it is then compared whole, as any pair of models can be)."""
+    from . import blockwise
+    try:
+        return blockwise.cut(source_model), blockwise.cut(target_model)
+    except OnnxgrowError as e:
+        if forced:
+            raise OnnxgrowError(f"cannot verify block by block: {first_line(e)} (use --whole-model)") from e
+        log.warning("comparing the models whole: cannot cut them at their blocks (%s)", first_line(e))
+        return None
+
+
+def blockwise_runs(source: Path, target: Path, source_model: ir.Model, target_model: ir.Model, segments,
+                   cases, to_target, provider: str) -> Runs:
+    """Each model one segment at a time (onnxgrow/blockwise.py): the source first, then the target on
+    the cases the source ran."""
+    from . import blockwise
+    ran = blockwise.run(source_model, segments[0], cases, provider, source)
+    kept = [cases[i] for i in ran.ran]
+    got = blockwise.run(target_model, segments[1], [to_target(f) for f in kept], provider, target, may_drop=False)
+    return Runs(kept, ran.outputs, got.outputs, ran.provider, list(zip(ran.streams, got.streams)))
+
+
+def stream_checks(runs: Runs, maps: dict, weights: str | None, tolerance: float | None,
+                  partial_ok: bool) -> list[OutputCheck]:
+    """The residual stream after each target block against the source boundary it stands for
+    (metadata "onnxgrow.stream_map"; the same index when neither model was deepened or cut)."""
+    if not runs.streams:
+        return []
+    source_count, target_count = len(runs.streams[0][0]), len(runs.streams[0][1])
+    boundaries = maps["boundaries"] or (list(range(target_count)) if target_count == source_count else [0])
+    checks = {}
+    for source_streams, target_streams in runs.streams:
+        for b, sb in enumerate(boundaries[:target_count]):
+            if sb is None or sb >= source_count:
+                continue
+            expected, got = source_streams[sb], target_streams[b]
+            axes = {got.ndim - 1: np.asarray(maps["hidden"])} if maps["hidden"] is not None else {}
+            if not axes and got.shape != expected.shape:
+                continue  # a width changed by something that left no map: nothing to compare by
+            name = "embeddings" if b == 0 else f"block {b - 1}"
+            check = checks.setdefault(name, new_check(name, expected, got, weights, tolerance))
+            _compare(check, got, expected, axes, partial_ok)
+            check.top1_agreement = None  # an argmax over hidden units means nothing
+    return list(checks.values())
 
 
 def run_source(session, feeds: dict[str, np.ndarray], cases: int) -> dict[str, np.ndarray] | None:
