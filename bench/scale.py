@@ -38,6 +38,9 @@ PY = sys.executable
 GB = 2**30
 MODELS = {"small": dict(layers=12, hidden=768, heads=12), "big": dict(layers=24, hidden=1280, heads=20),
           "tiny": dict(layers=2, hidden=64, heads=4)}  # tiny: a smoke run of the script itself
+# huge (--verified only): 24 x 2048, 16 heads, 1.31B parameters, 5.2 GB. torch exports 4 blocks (its
+# export would hold several copies of 5 GB); onnxgrow's stack deepen then copies them to 24 blocks.
+HUGE = dict(layers=24, hidden=2048, heads=16, exported_layers=4)
 CHUNK = 64 * 2**20
 
 
@@ -213,12 +216,60 @@ def bench_model(name: str, workdir: Path, only: set | None = None) -> list[dict]
     return rows
 
 
+def huge_model(workdir: Path) -> Path:
+    src = workdir / f"gpt2-{HUGE['layers']}x{HUGE['hidden']}.onnx"
+    if not src.exists():
+        seed = workdir / f"gpt2-{HUGE['exported_layers']}x{HUGE['hidden']}.onnx"
+        if not seed.exists():
+            print(f"exporting {seed.name}", flush=True)
+            export(seed, HUGE["exported_layers"], HUGE["hidden"], HUGE["heads"])
+        subprocess.run([PY, "-m", "onnxgrow", "deepen", str(seed), "--layers", str(HUGE["layers"]), "--method",
+                        "stack", "--no-verify", "-o", str(src)], check=True)
+    return src
+
+
+def bench_verified(name: str, workdir: Path) -> list[dict]:
+    """widen x2 with verification on (block by block, chosen automatically at this size) against the
+    same widen without it, and validate alone on the pair: the verification's share of time and memory."""
+    if name == "huge":
+        src = huge_model(workdir)
+    else:
+        sizes = MODELS[name]
+        src = workdir / f"gpt2-{sizes['layers']}x{sizes['hidden']}.onnx"
+        if not src.exists():
+            export(src, **sizes)
+    out = workdir / f"{name}-widen-verified.onnx"
+    cli = [PY, "-m", "onnxgrow"]
+    rows = []
+    steps = {"widen x2, verified": ["widen", str(src), "--factor", "2", "-o", str(out), "--force"],
+             "widen x2, --no-verify": ["widen", str(src), "--factor", "2", "-o", str(out), "--force", "--no-verify"],
+             "validate (blockwise) alone": ["validate", str(src), str(out), "--blockwise"]}
+    for step, args in steps.items():
+        seconds, peak = measured(cli + args)
+        rows.append({"model": name, "step": step, "seconds": seconds, "peak_gb": peak, "input_gb": size_of(src),
+                     "output_gb": size_of(out)})
+        print(json.dumps(rows[-1]), flush=True)
+    remove(out)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/onnxgrow-bench"))
     parser.add_argument("--models", default="small,big", help="of small, big, tiny (a smoke run)")
     parser.add_argument("--ops", default=None, help="only these of widen,deepen,subclone,commands (the other commands, big model)")
+    parser.add_argument("--verified", action="store_true",
+                        help="instead: widen x2 with verification on vs off, and validate alone (models: big, huge)")
     args = parser.parse_args()
+    if args.verified:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        rows = [r for name in args.models.split(",") for r in bench_verified(name, args.workdir)]
+        (args.workdir / "scale-verified.json").write_text(json.dumps(rows, indent=1))
+        print("| model | step | wall s | peak RSS GB | input GB | output GB |\n|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['model']} | {r['step']} | {r['seconds']:.1f} | {r['peak_gb']:.2f} | {r['input_gb']:.2f} | "
+                  f"{r['output_gb']:.2f} |")
+        return
     only = set(args.ops.split(",")) if args.ops else None
     args.workdir.mkdir(parents=True, exist_ok=True)
     rows = []
