@@ -63,7 +63,9 @@ def shortest(x) -> float:
 
 
 def norm_epsilon(spec: TransformerSpec, norm: Norm) -> float:
-    nodes = nodes_between(norm.input, norm.output)
+    # an EmbedLayerNormalization's norm has no input of its own (the sum of the lookups is inside the op:
+    # input is output), so the op that writes the output is looked at first
+    nodes = [n for n in [norm.output.producer()] if n is not None] + nodes_between(norm.input, norm.output)
     for node in nodes:
         if node.op_type in NORM_OPS:
             eps = node.attributes.get("epsilon")
