@@ -2,11 +2,14 @@
 
     python bench/fidelity.py            # prints markdown tables for docs/BENCHMARKS.md
     python bench/fidelity.py --only gpt2-dynamo23 --shapes 1x5,1x9,1x16   # some models, other shapes
+    python bench/fidelity.py --dequantize --paths models/genai/llama-int4/model.onnx   # quantized weights
 
 Width targets for the any-size methods: hidden, heads, kv heads and FFN x1.5 (e.g. 64 -> 96, 4 -> 6
 heads). Depth: identity / stack / interleave to twice the layers. Reported: the largest absolute
 difference over outputs and input cases, the smallest cosine similarity, and top-1 agreement of
-logits (for models whose output is logits).
+logits (for models whose output is logits). With --dequantize the quantized weights are made float
+first (onnxgrow.dequantize, as `--dequantize` does on the command line) and each grown float model is
+compared with the quantized source: the figures then include the quantization error.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ def main():
     p.add_argument("--shapes", help="input shapes, batch x seq, e.g. 1x5,1x9,1x16")
     p.add_argument("--paths", nargs="+", type=Path, default=[],
                    help="models outside the zoo (named by their folder), e.g. models/genai/llama-fp32/model.onnx")
+    p.add_argument("--dequantize", action="store_true",
+                   help="grow the float version of quantized models; compare with the quantized source")
     args = p.parse_args()
     if args.shapes:
         SHAPES = tuple(tuple(int(n) for n in s.split("x")) for s in args.shapes.split(","))
@@ -60,22 +65,25 @@ def main():
     print("|---|---|---|---|---|---|")
     for e in entries:
         src = e["file"]
-        c = onnxgrow.inspect(src)
+        e["float"] = onnxgrow.dequantize(onnx.load(str(src))) if args.dequantize else src
+    for e in entries:
+        src, grown = e["file"], e["float"]
+        c = onnxgrow.inspect(grown)
         target = dict(hidden=c["hidden_size"] * 3 // 2, heads=c["num_heads"] * 3 // 2,
                       kv_heads=c["num_kv_heads"] * 3 // 2, ffn=c["ffn_size"] * 3 // 2)
-        cells = [measure(onnxgrow.widen(src, 2), src, tmp)]
+        cells = [measure(onnxgrow.widen(grown, 2), src, tmp)]
         for method, noise in (("fpi", 0.0), ("aki", 0.0), ("pad", 0.0), ("pad", 0.01)):
-            cells.append(measure(onnxgrow.widen(src, method=method, noise=noise, **target), src, tmp))
+            cells.append(measure(onnxgrow.widen(grown, method=method, noise=noise, **target), src, tmp))
         print(f"| {e['name']} | " + " | ".join(cells) + " |")
     print("\n### Depth x2: max abs diff / min cosine / top-1 agreement (logits)\n")
     print("| model | identity | stack | interleave |")
     print("|---|---|---|---|")
     for e in entries:
-        src = e["file"]
+        src, grown = e["file"], e["float"]
         cells = []
         for method in ("identity", "stack", "interleave"):
             try:
-                cells.append(measure(deepen(src, factor=2, method=method), src, tmp))
+                cells.append(measure(deepen(grown, factor=2, method=method), src, tmp))
             except onnxgrow.OnnxgrowError as err:
                 cells.append("refused: " + str(err).split(";")[0][:60])
         print(f"| {e['name']} | " + " | ".join(cells) + " |")

@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import fcntl
 import hashlib
+import importlib.util
 import inspect
 import io
 import json
@@ -95,7 +96,7 @@ def _bert_config(s, attn):
     return BertConfig(
         vocab_size=s["vocab"], hidden_size=s["hidden"], num_hidden_layers=s["layers"],
         num_attention_heads=s["heads"], intermediate_size=s["ffn"], max_position_embeddings=s["max_pos"],
-        type_vocab_size=2, attn_implementation=attn)
+        type_vocab_size=2, hidden_act=s.get("act", "gelu"), attn_implementation=attn)
 
 
 def make_llama(s, attn):
@@ -170,7 +171,7 @@ class Spec:
 
     @property
     def kv_cache(self):
-        return self.exporter == "optimum"
+        return self.exporter in ("optimum", "ort-gpt2")
 
     @property
     def attention(self):
@@ -284,7 +285,17 @@ def _fused():
             Spec("llama-gqa-ortopt-ts17", "llama", "torchscript", 17, dict(GQA), simplify="ort-optimizer"),
             # every default fusion: EmbedLayerNormalization, com.microsoft Attention, SkipLayerNormalization
             # and BiasGelu, as a BERT served with ONNX Runtime is; tests/test_forms_ortfused.py names it
-            Spec("bert-ortfused-ts17", "bert", "torchscript", 17, dict(TINY), simplify="ort-fused")]
+            Spec("bert-ortfused-ts17", "bert", "torchscript", 17, dict(TINY), simplify="ort-fused"),
+            # the optimizer's other activation fusions, each in a whole model (tests/test_forms_fused_activations.py):
+            # with BiasGelu fusion off, the erf GELU becomes com.microsoft Gelu after a plain bias Add; a
+            # CLIP-style quick_gelu (x * sigmoid(1.702 x)) becomes QuickGelu
+            Spec("bert-gelu-ortopt-ts17", "bert", "torchscript", 17, dict(TINY), simplify="ort-gelu"),
+            Spec("bert-quickgelu-ortopt-ts17", "bert", "torchscript", 17, dict(TINY, act="quick_gelu"),
+                 simplify="ort-optimizer"),
+            # GPT-2 as ONNX Runtime's GPT-2 tooling writes it: com.microsoft Attention (unidirectional, past
+            # and present in the packed [2, b, heads, s, head] layout), SkipLayerNormalization, FastGelu;
+            # 3 layers so a middle layer is neither first nor last. tests/test_forms_ort_gpt2.py names it
+            Spec("gpt2-ortattention", "gpt2", "ort-gpt2", 17, dict(TINY, layers=3))]
 
 
 MODELS = _zoo() + _loud() + _opset23() + _roles() + _static() + _simplified() + _fused()
@@ -520,8 +531,17 @@ def export_static(spec, model, path):
     torch.onnx.export(model, (ids["input_ids"],), str(path))
 
 
+def export_ort_gpt2(spec, model, path):
+    # ONNX Runtime's fused GPT-2 with past, written from the weights (models/ort_gpt2.py says why)
+    import onnx
+    loader = importlib.util.spec_from_file_location("ort_gpt2", HERE / "ort_gpt2.py")
+    ort_gpt2 = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(ort_gpt2)
+    onnx.save(ort_gpt2.gpt2_attention_graph(model, spec.opset), str(path))
+
+
 EXPORTERS = {"torchscript": export_torchscript, "dynamo": export_dynamo, "optimum": export_optimum,
-             "static": export_static}
+             "static": export_static, "ort-gpt2": export_ort_gpt2}
 
 # -----------------------------------------------------------------------------
 # simplifiers: post-export steps, each (PyPI package, ModelProto -> ModelProto) with its defaults
@@ -557,6 +577,15 @@ def optimize_ort(model, spec):
     return run_ort_optimizer(model, spec, options)
 
 
+def optimize_ort_unbiased_gelu(model, spec):
+    """optimize_ort with BiasGelu fusion off: the GELU is fused alone, into com.microsoft Gelu."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    options = FusionOptions(ORT_MODEL_TYPES[spec.family])
+    options.enable_attention = False
+    options.enable_bias_gelu = False
+    return run_ort_optimizer(model, spec, options)
+
+
 def optimize_ort_fully(model, spec):
     """onnxruntime.transformers.optimizer with the model's sizes and its default fusions."""
     return run_ort_optimizer(model, spec, None)
@@ -576,9 +605,9 @@ def run_ort_optimizer(model, spec, options):
 
 SIMPLIFIERS = {"onnxslim": ("onnxslim", simplify_onnxslim), "onnxsim": ("onnxsim", simplify_onnxsim),
                "onnxscript": ("onnxscript", simplify_onnxscript), "ort-optimizer": ("onnxruntime", optimize_ort),
-               "ort-fused": ("onnxruntime", optimize_ort_fully)}
+               "ort-fused": ("onnxruntime", optimize_ort_fully), "ort-gelu": ("onnxruntime", optimize_ort_unbiased_gelu)}
 # the simplifiers that need the spec (the model's sizes) besides the model
-NEEDS_SPEC = {"ort-optimizer", "ort-fused"}
+NEEDS_SPEC = {"ort-optimizer", "ort-fused", "ort-gelu"}
 
 
 def simplify(spec, path):
@@ -776,7 +805,10 @@ def verify(spec, path, atol=1e-4):
 
     vocab = model.config.vocab_size
     with torch.no_grad():
-        if not spec.kv_cache:
+        if spec.exporter == "ort-gpt2":
+            for what, expected, got in compare_packed_cache(model, run):
+                compare(expected, got, what)
+        elif not spec.kv_cache:
             batch, seq = (spec.sizes["static_batch"], STATIC_SEQ) if spec.exporter == "static" else (2, 7)
             if spec.opset >= 23:
                 batch = 1  # ONNX Runtime 1.32's RotaryEmbedding kernel runs at batch 1 only
@@ -808,6 +840,29 @@ def verify(spec, path, atol=1e-4):
                     compare(expected.past_key_values.layers[i].keys, got[f"present.{i}.key"], f"present.{i}.key")
                     compare(expected.past_key_values.layers[i].values, got[f"present.{i}.value"], f"present.{i}.value")
     return worst
+
+def compare_packed_cache(model, run):
+    """(what, PyTorch, ONNX) for the logits and presents of a model with one packed [2, b, heads, s, head]
+    past per layer, with an empty past and with a past of 3 tokens."""
+    import torch
+    c = model.config
+    ids = torch.randint(0, c.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
+    for past_len in (0, 3):
+        new = ids[:, past_len:past_len + 7]
+        mask = torch.ones(2, past_len + 7, dtype=torch.long)
+        feeds = {"input_ids": new, "position_ids": torch.arange(past_len, past_len + 7).expand(2, 7),
+                 "attention_mask": mask}
+        cache = model(input_ids=ids[:, :past_len], use_cache=True).past_key_values if past_len else None
+        for i in range(c.n_layer):
+            feeds[f"past_{i}"] = torch.stack([cache.layers[i].keys, cache.layers[i].values]) if cache else \
+                torch.zeros(2, 2, c.n_head, 0, c.n_embd // c.n_head)
+        got = run(feeds)
+        expected = model(input_ids=new, position_ids=feeds["position_ids"], attention_mask=mask,
+                         past_key_values=cache, use_cache=True)
+        yield f"logits (past {past_len})", expected.logits, got["logits"]
+        for i in range(c.n_layer):
+            layer = expected.past_key_values.layers[i]
+            yield f"present_{i} (past {past_len})", torch.stack([layer.keys, layer.values]), got[f"present_{i}"]
 
 # -----------------------------------------------------------------------------
 # command line

@@ -149,6 +149,10 @@ def measure(model: ir.Model, spec: TransformerSpec, ids: np.ndarray, provider: s
     probes = {f"stream{i}": v for i, v in enumerate(stream)}
     norms = find_norms(model.graph, spec.flow, spec.hidden)
     for k, n in enumerate(norms):
+        # An approximation for EmbedLayerNormalization: the sum word + position + segment it normalises is
+        # inside the op, so its norm's input is its output and the gain is measured on the normalised output.
+        # The exact statistic is E[(word[id] + pos[p] + seg[t])^2] per channel, computable from the tables
+        # and the calibration ids (not done yet: issue 14).
         probes[f"norm{k}"] = n.input
     for i, b in enumerate(spec.blocks):
         probes[f"attn{i}"] = data_input(spec, b.attention.o_proj)

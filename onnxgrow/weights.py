@@ -36,7 +36,7 @@ from . import api, modelio
 from .bridge import FLOAT_TYPES, as_proto, load_ir, store, tensor_from_ir
 from .errors import OnnxgrowError
 from .metadata import ROLES_KEY
-from .structure import TransformerSpec, out_axis, weight_of
+from .structure import TransformerSpec, is_packed_weight_attention, out_axis, weight_of
 
 
 def projection(spec: TransformerSpec, node: ir.Node, role: str, roles: dict) -> None:
@@ -48,15 +48,27 @@ def projection(spec: TransformerSpec, node: ir.Node, role: str, roles: dict) -> 
         roles[role + ".bias"] = (bias.name, False)
 
 
+# ONNX Runtime's fused ops that add a projection's bias inside: op -> the bias's input index
+BIAS_INSIDE = {"SkipLayerNormalization": 4, "SkipSimplifiedLayerNormalization": 3, "FastGelu": 1, "BiasGelu": 1,
+               "BiasAdd": 1}
+
+
 def bias_of(spec: TransformerSpec, node: ir.Node) -> ir.Value | None:
-    """Gemm's C, or the 1-D initializer a MatMul's only consumer adds."""
+    """Gemm's C, the 1-D initializer a MatMul's only consumer adds, or the bias of the fused op (a
+    SkipLayerNormalization, a FastGelu) that is its only consumer."""
     flow = spec.flow
-    if node.op_type == "Gemm":
+    if node.op_type == "Gemm" or is_packed_weight_attention(node):  # com.microsoft Attention's bias is its input 2
         if len(node.inputs) > 2 and node.inputs[2] is not None:
             init, _ = flow.source_initializer(node.inputs[2])
             return init
         return None
     consumers = node.outputs[0].consumers()
+    if len(consumers) == 1 and consumers[0].domain == "com.microsoft" and consumers[0].op_type in BIAS_INSIDE:
+        fused, index = consumers[0], BIAS_INSIDE[consumers[0].op_type]
+        if len(fused.inputs) <= index or fused.inputs[index] is None:
+            return None
+        init, _ = flow.source_initializer(fused.inputs[index])
+        return init
     if len(consumers) != 1 or consumers[0].op_type != "Add":
         return None
     add = consumers[0]

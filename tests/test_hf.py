@@ -296,3 +296,57 @@ def test_unmapped_families_are_refused(other_family, tmp_path, name, reason):
     with pytest.raises(OnnxgrowError, match=reason):
         api.export_hf(other_family(name), tmp_path / "hf")
     assert list(tmp_path.iterdir()) == []
+
+
+# ONNX Runtime's fused forms (#14): the optimizer's Skip norms, FastGelu and BiasGelu hold the projections'
+# biases and the norms' epsilons; gpt2-ortattention's packed com.microsoft Attention holds the QKV
+# projection (contiguous thirds, as GPT-2's c_attn) and takes position_ids and a packed past
+ORT_FORMS = ["gpt2-ortopt-ts17", "bert-ortopt-ts17", "gpt2-ortattention"]
+
+
+def ort_form_feeds(path, vocab: int) -> dict:
+    """example_feeds, plus what gpt2-ortattention also takes: position ids and an empty past."""
+    feeds = example_feeds(path, vocab)
+    graph = onnx.load(str(path)).graph
+    for i in graph.input:
+        if i.name == "position_ids":
+            feeds[i.name] = torch.arange(feeds["input_ids"].shape[1]).expand_as(feeds["input_ids"])
+        elif i.name.startswith("past"):
+            dims = [d.dim_value for d in i.type.tensor_type.shape.dim]
+            feeds[i.name] = torch.zeros(2, feeds["input_ids"].shape[0], dims[2], 0, dims[4])
+    ints = {i.name for i in graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.INT32}
+    return {k: v.int() if k in ints else v for k, v in feeds.items()}
+
+
+@pytest.mark.parametrize("name", ORT_FORMS)
+def test_ort_fused_forms_export_match_and_come_back(exported, name):
+    path, folder = exported(name)
+    model = load_hf(folder)
+    config = json.loads((folder / "config.json").read_text())
+    epsilon = config.get("layer_norm_epsilon", config.get("layer_norm_eps"))
+    assert epsilon == (1e-5 if name.startswith("gpt2") else 1e-12)  # transformers' GPT-2 and BERT defaults
+    feeds = ort_form_feeds(path, model.config.vocab_size)
+    hf_feeds = {k: v.long() for k, v in feeds.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    assert relative_error(hf_output(model, hf_feeds), ort_output(path, feeds), hf_feeds) < RTOL
+    back = api.import_hf(folder, path)
+    before = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    after = {t.name: onnx.numpy_helper.to_array(t) for t in back.graph.initializer}
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_the_epsilon_of_embed_layer_normalization_is_read(zoo, tmp_path):
+    """The fully fused BERT's embedding norm is inside its EmbedLayerNormalization: the epsilon comes from
+    that op's attribute (here set apart from the Skip norms' 1e-12), so export-hf refuses a model whose
+    norms disagree instead of writing one epsilon for all."""
+    from onnxgrow.hf import facts
+    from onnxgrow.weights import spec_and_roles
+    model = onnx.load(str(zoo_model(zoo, "bert-ortfused-ts17")))
+    embed = next(n for n in model.graph.node if n.op_type == "EmbedLayerNormalization")
+    for a in embed.attribute:
+        if a.name == "epsilon":
+            a.f = 1e-7
+    path = tmp_path / "embed-eps.onnx"
+    onnx.save(model, path)
+    _, spec, _ = spec_and_roles(path)
+    epsilons = {n.output.producer().op_type: facts.norm_epsilon(spec, n) for b in spec.blocks for n in b.norms}
+    assert epsilons == {"EmbedLayerNormalization": 1e-7, "SkipLayerNormalization": 1e-12}

@@ -1,7 +1,8 @@
 """What a Hugging Face config needs beyond the TransformerSpec, read off the graph's nodes and constants.
 
-    norm_epsilon(spec, norm)   the epsilon of a LayerNormalization node, or the constant a decomposed
-                               norm adds to its variance (or mean square)
+    norm_epsilon(spec, norm)   the epsilon of a norm op (LayerNormalization, ONNX Runtime's Skip and Embed
+                               norms, ...), or the constant a decomposed norm adds to its variance (or
+                               mean square)
     rotary(spec)               the rotary base and rotated width, from the frequencies the Cos reads
                                (or an opset-23 RotaryEmbedding's cos/sin tables)
     qkv_layout(spec, att)      how a fused QKV projection is split: contiguous thirds (GPT-2) or
@@ -20,10 +21,14 @@ import onnx_ir as ir
 
 from ..errors import UnsupportedGraph
 from ..dims import same
-from ..structure import Attention, Norm, TransformerSpec, output_width, producers_back
+from ..structure import Attention, Norm, TransformerSpec, is_packed_weight_attention, output_width, producers_back
 from ..views import SHAPE_OF
 
-NORM_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization")
+# each norm op with the epsilon it uses when the attribute is absent: the ONNX default for the standard
+# ops, ONNX Runtime's kDefault*Epsilon (1e-12) for its com.microsoft fused norms
+NORM_OPS = {"LayerNormalization": 1e-5, "SimplifiedLayerNormalization": 1e-5, "RMSNormalization": 1e-5,
+            "SkipLayerNormalization": 1e-12, "SkipSimplifiedLayerNormalization": 1e-12,
+            "EmbedLayerNormalization": 1e-12}
 MAX_NORM_NODES = 40  # a decomposed norm is about a dozen nodes; a walk past that left the norm
 
 
@@ -58,11 +63,13 @@ def shortest(x) -> float:
 
 
 def norm_epsilon(spec: TransformerSpec, norm: Norm) -> float:
-    nodes = nodes_between(norm.input, norm.output)
+    # an EmbedLayerNormalization's norm has no input of its own (the sum of the lookups is inside the op:
+    # input is output), so the op that writes the output is looked at first
+    nodes = [n for n in [norm.output.producer()] if n is not None] + nodes_between(norm.input, norm.output)
     for node in nodes:
         if node.op_type in NORM_OPS:
             eps = node.attributes.get("epsilon")
-            return shortest(eps.value) if eps is not None else 1e-5  # the ONNX default
+            return shortest(eps.value) if eps is not None else NORM_OPS[node.op_type]
     for node in nodes:
         if node.op_type != "Add":
             continue
@@ -149,7 +156,10 @@ def geometric_base(freqs: np.ndarray, node: ir.Node) -> tuple[float, int]:
 
 def qkv_layout(spec: TransformerSpec, att: Attention) -> str:
     """'contiguous' when the fused output is split on an axis as wide as the projection (GPT-2),
-    'per_head' when it is split after a view as [..., heads, 3 * head_dim] (GPT-NeoX)."""
+    'per_head' when it is split after a view as [..., heads, 3 * head_dim] (GPT-NeoX). com.microsoft
+    Attention's packed weight is [in, q | k | v]: contiguous."""
+    if is_packed_weight_attention(att.q_proj):
+        return "contiguous"
     width = output_width(spec.flow, att.q_proj)
     v = att.q_proj.outputs[0]
     for _ in range(8):
