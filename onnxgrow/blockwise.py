@@ -33,6 +33,7 @@ from . import progress
 from .blocks import ancestors, block_graphs
 from .errors import InternalError, RuntimeRefused, first_line
 from .runtime import open_from_bytes, run_model
+from .resize import release
 from .structure import load_structure
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,9 @@ def initializer_proto(value: ir.Value) -> onnx.TensorProto:
     """A weight stays where it is on disk; a small tensor is read in (shape constants must be inline)."""
     tensor = value.const_value
     if isinstance(tensor, ir.ExternalTensor) and tensor.nbytes <= INLINE_BYTES:
-        tensor = ir.tensor(tensor.numpy())
+        small = ir.tensor(tensor.numpy().copy())
+        release(tensor)
+        tensor = small
     proto = ir.serde.serialize_tensor(tensor)
     proto.name = value.name
     return proto

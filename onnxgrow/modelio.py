@@ -549,6 +549,7 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
         staged = tmp_dir / path.name
         with progress.task(f"writing {path.name}", total=weight_bytes(model), unit="bytes") as advance:
             ir.save(model, staged, external_data=data_name, callback=lambda tensor, _: advance(tensor.nbytes))
+        release_external(model)  # what was read to write it stays mapped otherwise, through `verify` too
         check_written(staged)
         if verify is not None:
             verify(staged)
@@ -566,6 +567,12 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
             leftover.unlink()
         tmp_dir.rmdir()
     return path
+
+
+def release_external(model: ir.Model) -> None:
+    from .resize import release
+    for v in model.graph.initializers.values():
+        release(v.const_value)
 
 
 SPACE_MARGIN = 64 * 2**20  # the graph itself, and room for the filesystem's own bookkeeping

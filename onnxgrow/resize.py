@@ -230,7 +230,20 @@ def resize_tensor(tensor, maps, contracted, rule, seed, hook, name, dims):
     new = resize_array(old, maps, contracted, rule, np.random.default_rng(seed))
     if hook is not None:
         new = hook(name, old, new, dims)
+    if not np.may_share_memory(new, old):
+        release(tensor)
     return ir.tensor(new, name=name)
+
+
+def release(tensor) -> None:
+    """Unmap a source tensor read from external data: onnx-ir keeps the whole file mapped per tensor
+    read, and every page touched stays in the process's memory until it is released. A tensor read
+    again is mapped again."""
+    if isinstance(tensor, ir.ExternalTensor):
+        try:
+            tensor.release()
+        except BufferError:  # something still holds a view of it: it stays mapped
+            pass
 
 
 def resize_array(old: np.ndarray, maps: list[np.ndarray], contracted: set[int], rule: WeightRule,
