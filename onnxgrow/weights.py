@@ -32,7 +32,7 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from . import api, modelio
+from . import api, modelio, progress
 from .bridge import FLOAT_TYPES, as_proto, load_ir, store, tensor_from_ir
 from .errors import OnnxgrowError
 from .metadata import ROLES_KEY
@@ -145,15 +145,18 @@ def export_weights(model, out_path, *, force: bool = False) -> Path:
     modelio.guard_output_path(out_path, (), force)
     m, roles = model_roles(model)
     tensors, meta = {}, {}
-    for role, (name, transposed) in roles.items():
-        t = tensor_from_ir(m.graph.initializers[name].const_value)
-        tensors[role] = t.t().contiguous() if transposed else t
-        meta[role] = {"initializer": name, "transposed": transposed}
+    with progress.task("reading the weights", total=len(roles), unit="tensors") as advance:
+        for role, (name, transposed) in roles.items():
+            t = tensor_from_ir(m.graph.initializers[name].const_value)
+            tensors[role] = t.t().contiguous() if transposed else t
+            meta[role] = {"initializer": name, "transposed": transposed}
+            advance()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".onnxgrow-", suffix=".safetensors", dir=out_path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={ROLES_KEY: json.dumps(meta)})
+        with progress.task(f"writing {out_path.name}"):
+            save_file(tensors, tmp, metadata={ROLES_KEY: json.dumps(meta)})
         os.replace(tmp, out_path)
     finally:
         if os.path.exists(tmp):
@@ -168,7 +171,8 @@ def read_weights(path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise OnnxgrowError(f"no such weights file: {path}")
     try:
-        return load_file(str(path))
+        with progress.task(f"reading {path.name}"):
+            return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise OnnxgrowError(f"{path} is not a readable safetensors file ({e})".splitlines()[0]) from None
 
@@ -205,12 +209,14 @@ def write_assignments(model, roles: dict, values: dict[str, torch.Tensor]) -> on
     """A copy of `model` with initializers replaced by `values` (name -> tensor in stored layout)."""
     proto = as_proto(model)
     by_name = {tp.name: tp for tp in proto.graph.initializer}
-    for name, value in values.items():
-        tp = by_name[name]
-        if tuple(value.shape) != tuple(tp.dims):
-            role = next(r for r, (n, _) in roles.items() if n == name)
-            raise OnnxgrowError(f"{role}: the file holds {list(value.shape)}, the model {list(tp.dims)}")
-        store(tp, value)
+    with progress.task("placing the weights", total=len(values), unit="tensors") as advance:
+        for name, value in values.items():
+            tp = by_name[name]
+            if tuple(value.shape) != tuple(tp.dims):
+                role = next(r for r, (n, _) in roles.items() if n == name)
+                raise OnnxgrowError(f"{role}: the file holds {list(value.shape)}, the model {list(tp.dims)}")
+            store(tp, value)
+            advance()
     return proto
 
 

@@ -62,3 +62,25 @@ def test_off_a_terminal_only_long_tasks_print_plain_lines(monkeypatch):
         advance(2**20)
     lines = stream.getvalue().splitlines()
     assert lines[0] == "writing x.onnx: 1.0 MB of 4.0 MB (25%)" and lines[-1].startswith("writing x.onnx: done in")
+
+
+def test_blockwise_verification_shows_its_blocks_and_json_stays_clean(zoo, tmp_path):
+    out = tmp_path / "wide.onnx"
+    terminal, stdout, code = run_on_a_terminal("widen", zoo_model(zoo, "gpt2-ts17"), "--factor", "2", "-o", out,
+                                               "--blockwise", "--json")
+    assert code == 0, terminal
+    assert "verifying model.onnx block by block" in terminal and "verifying wide.onnx block by block" in terminal
+    assert "segments" in terminal  # counted: embeddings, each block, head
+    result = json.loads(stdout)
+    assert result["verification"]["mode"] == "blockwise" and result["verification"]["first_differing_block"] is None
+
+
+def test_export_and_import_weights_show_progress(zoo, tmp_path):
+    weights = tmp_path / "w.safetensors"
+    terminal, _, code = run_on_a_terminal("export-weights", zoo_model(zoo, "gpt2-ts17"), "-o", weights)
+    assert code == 0, terminal
+    assert "reading the weights" in terminal and "writing w.safetensors" in terminal
+    terminal, _, code = run_on_a_terminal("import-weights", zoo_model(zoo, "gpt2-ts17"), weights,
+                                          "-o", tmp_path / "back.onnx")
+    assert code == 0, terminal
+    assert "reading w.safetensors" in terminal and "placing the weights" in terminal
