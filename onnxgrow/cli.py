@@ -373,6 +373,8 @@ def subclone(model: Path = typer.Argument(..., help="source ONNX model (the larg
         print_fidelity(fidelity_report)
     if source_config.get("static_sequence"):
         out.print(f"calibrated on windows of {result.held_out.shape[1]} tokens: the model's static sequence length")
+    elif seq is None and result.held_out.shape[1] == source_config.get("max_positions"):
+        out.print(f"calibrated on windows of {result.held_out.shape[1]} tokens: the model's learned positions")
     out.print(f"wrote {output}")
 
 
