@@ -164,3 +164,28 @@ def test_export_weights_names_the_roles(tmp_path, name):
     from onnxgrow.weights import export_weights
     names = set(load_file(str(export_weights(model(name), tmp_path / "w.safetensors"))))
     assert any("attn" in n for n in names) and any("mlp" in n or "ffn" in n for n in names), sorted(names)
+
+
+@pytest.mark.parametrize("name, said", [("jax-gpt-static8", "windows of 8 tokens: the model's static sequence"),
+                                        ("jax-gpt-dynamic", "windows of 32 tokens: the model's learned positions")])
+def test_subclone_command_says_how_long_its_windows_are(tmp_path, name, said):
+    from typer.testing import CliRunner
+    from onnxgrow.cli import app
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 80, encoding="utf-8")
+    out = tmp_path / "sub.onnx"
+    result = CliRunner().invoke(app, ["subclone", str(model(name)), "--hidden", "32", "--calib", str(text),
+                                      "--bytes", "--samples", "8", "--no-report", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert said in " ".join(result.output.split()) and out.is_file()
+
+
+def test_train_refuses_windows_longer_than_the_position_table_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+    from onnxgrow.cli import app
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 80, encoding="utf-8")
+    result = CliRunner().invoke(app, ["train", str(model("jax-gpt-dynamic")), "--data", str(text), "--bytes",
+                                      "--steps", "1", "--seq", "40", "-o", str(tmp_path / "t.onnx")])
+    assert result.exit_code == 2, result.output
+    assert "--seq 40 is longer than the model's 32 learned positions" in result.output
