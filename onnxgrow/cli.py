@@ -414,7 +414,7 @@ def train(model: Path = typer.Argument(..., help="ONNX model to continue trainin
           fsdp: bool = typer.Option(False, "--fsdp", help="under torchrun, shard weights, gradients and "
                                                           "optimizer state over the ranks (FSDP2)"),
           seq: Optional[int] = typer.Option(None, help="tokens per window (default 128, or the model's static "
-                                                       "sequence length)"),
+                                                       "sequence length, or its learned positions if fewer)"),
           lr: float = typer.Option(3e-4),
           device: str = typer.Option("auto", help="auto | cuda | cpu"),
           distill_from: Optional[Path] = typer.Option(None, help="source ONNX model whose predictions to match"),

@@ -441,7 +441,8 @@ def train(model_path, data_path, *, tokenizer=None, use_bytes=False, steps, batc
           micro_batch=None, fsdp=False) -> dict:
     """Train the model at `model_path` on `data_path` and write it back to ONNX; returns a summary.
 
-    batch and seq default to 8 and 128, or to what a static-shape export fixes (static_shapes.fit).
+    batch and seq default to 8 and 128, or to what a static-shape export fixes; seq to no more than a
+    learned position table's rows (static_shapes.fit, fit_sequence).
     checkpoint_every=0 checkpoints only at the end. `console` (a rich Console) takes the progress
     display and the log lines; by default they go to stderr. Under torchrun, `batch` is the global
     batch, `micro_batch` the windows of one forward, and `fsdp` shards the run (onnxgrow.distributed);
