@@ -379,6 +379,8 @@ def subclone(model: Path = typer.Argument(..., help="source ONNX model (the larg
         print_fidelity(fidelity_report)
     if source_config.get("static_sequence"):
         out.print(f"calibrated on windows of {result.held_out.shape[1]} tokens: the model's static sequence length")
+    elif seq is None and result.held_out.shape[1] == source_config.get("max_positions"):
+        out.print(f"calibrated on windows of {result.held_out.shape[1]} tokens: the model's learned positions")
     out.print(f"wrote {output}")
 
 
@@ -418,7 +420,7 @@ def train(model: Path = typer.Argument(..., help="ONNX model to continue trainin
           fsdp: bool = typer.Option(False, "--fsdp", help="under torchrun, shard weights, gradients and "
                                                           "optimizer state over the ranks (FSDP2)"),
           seq: Optional[int] = typer.Option(None, help="tokens per window (default 128, or the model's static "
-                                                       "sequence length)"),
+                                                       "sequence length, or its learned positions if fewer)"),
           lr: float = typer.Option(3e-4),
           device: str = typer.Option("auto", help="auto | cuda | cpu"),
           distill_from: Optional[Path] = typer.Option(None, help="source ONNX model whose predictions to match"),

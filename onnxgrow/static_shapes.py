@@ -42,6 +42,22 @@ def fit(option: str, asked: int | None, fixed: int | None, default: int) -> int:
     return asked
 
 
+def fit_sequence(spec, asked: int | None, default: int) -> int:
+    """The window length for `spec` (a structure.TransformerSpec): `fit` to a static sequence, and no
+    longer than a learned position table, which a longer window would read past (ONNX Runtime then
+    fails in a Gather). A default is shortened to the table; a longer length asked for is refused."""
+    table = spec.position_embedding
+    rows = table.const_value.shape[-2] if table is not None and table.const_value is not None else None
+    if rows is not None and asked is None and default > rows:
+        log.info("--seq %d: the model has %d learned positions", rows, rows)
+        default = rows
+    seq = fit("--seq", asked, spec.static_shape()[1], default)
+    if rows is not None and seq > rows:
+        raise OnnxgrowError(f"--seq {seq} is longer than the model's {rows} learned positions; use --seq {rows} "
+                            f"or less")
+    return seq
+
+
 def fixed_token_shape(plan) -> tuple[int | None, int | None]:
     """(batch, sequence) of the token-ids input where they are fixed in the graph, else None each.
     `plan` is an onnxgrow.verify.InputPlan (inputs told apart by role)."""

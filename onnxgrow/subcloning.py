@@ -19,7 +19,7 @@ import onnx_ir as ir
 from .blocks import block_graphs, record_io_names, remove_blocks
 from .fusednorms import fuse_split_norms
 from .calibrate import mean_abs, windows
-from .static_shapes import fit
+from .static_shapes import fit_sequence
 from .dims import atoms
 from .errors import OnnxgrowError
 from .metadata import append_history, record_stream_map
@@ -72,7 +72,7 @@ def calibration_windows(spec: TransformerSpec, calib=None, tokenizer=None, use_b
     ids (only with allow_random). `seq` (default 64) must fit a static-shape export (static_shapes.fit)."""
     from .tokens import load_tokens
     fixed_seq = spec.static_shape()[1]
-    seq = fit("--seq", seq, fixed_seq, DEFAULT_SEQ)
+    seq = fit_sequence(spec, seq, DEFAULT_SEQ)
     if calib is None:
         if not allow_random:
             raise OnnxgrowError("subclone ranks neurons on calibration data: give --calib "

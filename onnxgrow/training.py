@@ -56,7 +56,7 @@ import torch
 from . import api, bridge, distributed, metadata, modelio, precision
 from .errors import NOT_PRESERVED, OnnxgrowError
 from .language_model import LanguageModel, choose_objective, loss_terms, make_batch, mask_token, windows
-from .static_shapes import fit
+from .static_shapes import fit, fit_sequence
 from .tokens import load_tokens
 
 # names that lived here before language_model.py and tokens.py: callers may still import them from here
@@ -143,18 +143,15 @@ class Trainer:
         held out; `distill_from` is the path of a teacher model. `batch` is the global batch, run in
         micro-batches of `micro_batch` windows on each of torchrun's ranks (distributed.plan)."""
         spec = api.structure(m)
-        fixed_batch, fixed_seq = spec.static_shape()
+        fixed_batch = spec.static_shape()[0]
         layout = plan_layout(batch, micro_batch, fixed_batch, fsdp)
         batch = layout.batch
-        seq = fit("--seq", seq, fixed_seq, DEFAULT_SEQ)
+        seq = fit_sequence(spec, seq, DEFAULT_SEQ)
         student = LanguageModel.build(m, spec, device)
         if objective == "auto":
             objective = choose_objective(spec, m, student.plan)
             log.debug("objective: %s", objective)
         tokens = load_tokens(data_path, tokenizer, use_bytes, student.vocab)
-        max_pos = spec.config()["max_positions"]
-        if max_pos is not None and seq > max_pos:
-            raise OnnxgrowError(f"seq {seq} is longer than the model's {max_pos} learned positions")
         train_tokens, val_tokens = split_tokens(tokens, window_length(seq, objective), val_fraction)
         mask_id = mask_token(tokenizer, student.vocab)
         teacher = load_teacher(distill_from, student.vocab, device) if distill_from is not None else None
@@ -444,7 +441,8 @@ def train(model_path, data_path, *, tokenizer=None, use_bytes=False, steps, batc
           micro_batch=None, fsdp=False) -> dict:
     """Train the model at `model_path` on `data_path` and write it back to ONNX; returns a summary.
 
-    batch and seq default to 8 and 128, or to what a static-shape export fixes (static_shapes.fit).
+    batch and seq default to 8 and 128, or to what a static-shape export fixes; seq to no more than a
+    learned position table's rows (static_shapes.fit, fit_sequence).
     checkpoint_every=0 checkpoints only at the end. `console` (a rich Console) takes the progress
     display and the log lines; by default they go to stderr. Under torchrun, `batch` is the global
     batch, `micro_batch` the windows of one forward, and `fsdp` shards the run (onnxgrow.distributed);
