@@ -186,3 +186,19 @@ def test_deepened_boundaries_follow_identity_copies_and_stop_at_others():
     # 3 blocks; an identity copy after block 0, a stacked (trained) copy after block 1
     assert boundaries_after_insert(3, {0: [(0, True)], 1: [(1, False)]}) == [0, 1, 1, 2, None, None]
     assert boundaries_after_insert(2, {}) == [0, 1, 2]
+
+
+def test_blockwise_compares_a_subclone_like_whole_model_validation(zoo, tmp_path):
+    """A subclone has fewer, narrower blocks: no stream stands for the source's; the outputs are
+    compared at the kept indices, as whole-model validation compares them."""
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    source, small = zoo_model(zoo, "gpt2-optimum-kv"), tmp_path / "small.onnx"
+    run = subprocess.run([sys.executable, "-m", "onnxgrow", "subclone", str(source), "--hidden", "32", "--layers", "1",
+                          "--calib", str(text), "--bytes", "-o", str(small), "--no-report"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    whole = verify.validate(source, small, blockwise=False)
+    blocks = verify.validate(source, small, blockwise=True)
+    assert blocks.blocks == [] and blocks.passed == whole.passed
+    for b, w in zip(blocks.outputs, whole.outputs):
+        assert b.name == w.name and abs(b.max_abs_diff - w.max_abs_diff) <= 1e-5 * max(1.0, w.scale)
