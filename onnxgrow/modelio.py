@@ -14,6 +14,7 @@ data is read.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import os
@@ -550,6 +551,7 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
         with progress.task(f"writing {path.name}", total=weight_bytes(model), unit="bytes") as advance:
             ir.save(model, staged, external_data=data_name, callback=lambda tensor, _: advance(tensor.nbytes))
         release_external(model)  # what was read to write it stays mapped otherwise, through `verify` too
+        give_back_freed_memory()
         check_written(staged)
         if verify is not None:
             verify(staged)
@@ -567,6 +569,15 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
             leftover.unlink()
         tmp_dir.rmdir()
     return path
+
+
+def give_back_freed_memory() -> None:
+    """Return freed heap pages to the system (glibc keeps them for reuse): the verification that
+    follows a write should not start from the rewrite's high-water mark."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def release_external(model: ir.Model) -> None:

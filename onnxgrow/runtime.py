@@ -205,6 +205,8 @@ def open_from_bytes(model: bytes, data_folder: Path | None, provider: str, label
     data files of `data_folder`; `label` names it in errors."""
     check_single_runtime()
     options = session_options()
+    # a copy of every weight in MLAS's packed layout would double the memory for a few small runs
+    options.add_session_config_entry("session.disable_prepacking", "1")
     if data_folder is not None:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(data_folder))
     providers = resolve_providers(provider)

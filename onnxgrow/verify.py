@@ -856,12 +856,15 @@ def cut_both(source_model: ir.Model, target_model: ir.Model, forced: bool):
     (it is then compared whole, as any pair of models can be)."""
     from . import blockwise
     try:
-        return blockwise.cut(source_model), blockwise.cut(target_model)
+        segments = blockwise.cut(source_model), blockwise.cut(target_model)
     except OnnxgrowError as e:
         if forced:
             raise OnnxgrowError(f"cannot verify block by block: {first_line(e)} (use --whole-model)") from e
         log.warning("comparing the models whole: cannot cut them at their blocks (%s)", first_line(e))
         return None
+    for model in (source_model, target_model):  # what the analysis read (tied tables) need not stay mapped
+        modelio.release_external(model)
+    return segments
 
 
 def blockwise_runs(source: Path, target: Path, source_model: ir.Model, target_model: ir.Model, segments,
