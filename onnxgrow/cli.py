@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -514,11 +515,14 @@ def demo(output_dir: Path = typer.Option(Path("out"), help="where to write the g
     target = output_dir / "tiny-gpt2.widen2x.onnx"
     # every option given: called as a function, typer's defaults would be its Option objects
     widen(DEFAULT_MODEL, factor=2, hidden=None, heads=None, kv_heads=None, ffn=None,
-          method="hypercloning", noise=0.01, seed=0, output=target, force=True, verify=True, provider="auto",
-          dequantize=False, as_json=False)
+          method="hypercloning", noise=0.01, seed=0, output=target, force=True, verify=True, blockwise=None,
+          provider="auto", dequantize=False, as_json=False)
 
 
 def main():
+    # a terminated run (a job scheduler, a container stop) cleans up like an interrupted one: nothing
+    # half-written is left beside the output
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     app()
 
 
