@@ -300,8 +300,9 @@ def test_unmapped_families_are_refused(other_family, tmp_path, name, reason):
 
 # ONNX Runtime's fused forms (#14): the optimizer's Skip norms, FastGelu and BiasGelu hold the projections'
 # biases and the norms' epsilons; gpt2-ortattention's packed com.microsoft Attention holds the QKV
-# projection (contiguous thirds, as GPT-2's c_attn) and takes position_ids and a packed past
-ORT_FORMS = ["gpt2-ortopt-ts17", "bert-ortopt-ts17", "gpt2-ortattention"]
+# projection (contiguous thirds, as GPT-2's c_attn) and takes position_ids and a packed past; the fully fused
+# BERT's packed [q | k | v] becomes BertModel's query, key and value (and is joined again on import)
+ORT_FORMS = ["gpt2-ortopt-ts17", "bert-ortopt-ts17", "gpt2-ortattention", "bert-ortfused-ts17"]
 
 
 def ort_form_feeds(path, vocab: int) -> dict:

@@ -92,13 +92,17 @@ def hf_tensors(m, roles: dict, layout: Layout) -> dict[str, torch.Tensor]:
         t = tensor_from_ir(m.graph.initializers[name].const_value)
         if t.ndim > 2:  # a static export's folded lookup, [batch, positions, hidden]: the rows it holds
             t = folded_rows(t, hf)
-        # the role's layout is [out, in] unless the class stores [in, out] (GPT-2's Conv1D)
-        tensors[hf] = (t.t() if role_transposed != transposed else t).contiguous()
+        t = t.t() if role_transposed else t  # the role's layout: [out, in]
+        if hf in layout.parts:
+            k, n = layout.parts[hf]
+            t = t.chunk(n)[k]
+        # the class stores [out, in] too, unless `transposed` (GPT-2's Conv1D: [in, out])
+        tensors[hf] = (t.t() if transposed else t).contiguous()
     for hf, owner in layout.zeros.items():
         name, owner_transposed = roles[owner]
         weight = m.graph.initializers[name].const_value
         width = weight.shape[1] if owner_transposed else weight.shape[0]  # the role's first axis: out features
-        tensors[hf] = torch.zeros(width, dtype=tensor_from_ir(weight).dtype)
+        tensors[hf] = torch.zeros(width // layout.parts.get(hf, (0, 1))[1], dtype=tensor_from_ir(weight).dtype)
     return tensors
 
 
@@ -179,12 +183,18 @@ def import_hf(folder, model, out_path=None, *, force: bool = False):
     want = layout.config["model_type"]
     if config.get("model_type") != want:
         raise OnnxgrowError(f"{folder} holds a {config.get('model_type')} model; this graph is {want}")
-    role_values = {}
+    role_values, parted = {}, {}
     for hf, role, transposed in layout.entries:
         value = checkpoint_tensor(tensors, hf, layout.prefix)
         if value is None:
             raise OnnxgrowError(f"{folder} lacks {hf}")
-        role_values[role] = value.t() if transposed else value
+        value = value.t() if transposed else value
+        if hf in layout.parts:  # one of n parts of the role: joined once all are read, in order
+            parted.setdefault(role, {})[layout.parts[hf][0]] = value
+        else:
+            role_values[role] = value
+    for role, pieces in parted.items():
+        role_values[role] = torch.cat([pieces[k] for k in sorted(pieces)])
     for hf in layout.zeros:
         value = checkpoint_tensor(tensors, hf, layout.prefix)
         if value is not None and bool(value.any()):

@@ -26,10 +26,16 @@ class Layout:
     # hf name -> the role of the weight it belongs to, for biases the graph does not have: exporters drop
     # an all-zero bias (a freshly initialised model's), and the class's is then zeros of the weight's width
     zeros: dict[str, str] = field(default_factory=dict)
+    # hf name -> (k, n): the tensor is the k-th of n equal parts of its role along the output axis
+    # (a packed q | k | v weight that the class keeps as three)
+    parts: dict[str, tuple[int, int]] = field(default_factory=dict)
 
-    def add(self, hf: str, role: str, roles: dict, transposed: bool = False, optional: bool = False) -> None:
+    def add(self, hf: str, role: str, roles: dict, transposed: bool = False, optional: bool = False,
+            part: tuple[int, int] | None = None) -> None:
         base = role.removesuffix(".bias")
         owner = base + ".weight" if base + ".weight" in roles else base  # a norm's weight, or the projection
+        if part is not None:
+            self.parts[hf] = part
         if role in roles:
             self.entries.append((hf, role, transposed))
         elif optional:
@@ -196,7 +202,10 @@ def bert(spec: TransformerSpec, roles: dict) -> Layout:
     block i+1's norm0, and the last one is the extra role `last_norm` (see export.extra_roles)."""
     s = sizes(spec)
     require(spec.norm == "layernorm" and spec.blocks[0].ffn.gate is None, "BERT", "LayerNorm and an ungated FFN")
-    require(not spec.blocks[0].attention.fused_qkv, "BERT", "separate Q, K and V projections")
+    att = spec.blocks[0].attention
+    # ONNX Runtime's fused Attention packs [q | k | v] along its output: three Linears again here
+    require(not att.fused_qkv or facts.qkv_layout(spec, att) == "contiguous", "BERT",
+            "separate Q, K and V projections, or one packed [q | k | v]")
     require(s["kv_heads"] == s["heads"] and s["heads"] * s["head_dim"] == s["hidden"], "BERT",
             "heads x head_dim = hidden and no grouped KV")
     offset = facts.position_offset(spec)
@@ -225,9 +234,13 @@ def bert(spec: TransformerSpec, roles: dict) -> Layout:
     layout.add(b + "embeddings.LayerNorm.bias", "layers.0.norm0.bias", roles)
     for i in range(s["layers"]):
         h, r = f"{b}encoder.layer.{i}.", f"layers.{i}."
-        for hf, role in (("attention.self.query", "attn.q"), ("attention.self.key", "attn.k"),
-                         ("attention.self.value", "attn.v"), ("attention.output.dense", "attn.o"),
-                         ("intermediate.dense", "ffn.up"), ("output.dense", "ffn.down")):
+        for k, (hf, role) in enumerate((("attention.self.query", "attn.q"), ("attention.self.key", "attn.k"),
+                                        ("attention.self.value", "attn.v"))):
+            role, part = ("attn.qkv", (k, 3)) if att.fused_qkv else (role, None)
+            layout.add(h + hf + ".weight", r + role, roles, part=part)
+            layout.add(h + hf + ".bias", r + role + ".bias", roles, part=part)
+        for hf, role in (("attention.output.dense", "attn.o"), ("intermediate.dense", "ffn.up"),
+                         ("output.dense", "ffn.down")):
             layout.add(h + hf + ".weight", r + role, roles)
             layout.add(h + hf + ".bias", r + role + ".bias", roles)
         out_norm = f"layers.{i + 1}.norm0" if i + 1 < s["layers"] else "last_norm"
