@@ -207,6 +207,7 @@ def open_from_bytes(model: bytes, data_folder: Path | None, provider: str, label
     options = session_options()
     # a copy of every weight in MLAS's packed layout would double the memory for a few small runs
     options.add_session_config_entry("session.disable_prepacking", "1")
+    options.enable_cpu_mem_arena = False  # the arena rounds a block's weights up and keeps what it took
     if data_folder is not None:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(data_folder))
     providers = resolve_providers(provider)
