@@ -750,13 +750,7 @@ def validate(source: Path, target: Path, *, provider: str = "auto", inputs: Path
     io_map = read_io_map(target_model, target)
     _check_io_map_names(io_map, source_model, target_model, target)
     plan = plan_inputs(source_model)
-
-    if inputs is not None:
-        cases = [_load_npz(Path(inputs), plan)]
-    elif text is not None:
-        cases = [_text_inputs(text, Path(tokenizer), plan, past_length, seed)]
-    else:
-        cases = distinct_shapes([plan.make(batch, seq, past_length, seed) for batch, seq in shapes])
+    cases = make_cases(plan, inputs, text, tokenizer, shapes, past_length, seed)
 
     # target name -> the source name it stands for (a deepened KV-cache model renumbers its caches;
     # a copied block's new past inputs are fed its original's past)
@@ -795,6 +789,15 @@ def validate(source: Path, target: Path, *, provider: str = "auto", inputs: Path
     return Report(str(source), str(target), runs.provider, shapes_fed,
                   past_length if plan.past_dims and inputs is None else None, note, list(checks.values()), fixed,
                   blocks, "blockwise" if runs.streams else "whole")
+
+
+def make_cases(plan: InputPlan, inputs, text, tokenizer, shapes, past_length: int, seed: int) -> list[dict]:
+    """The source inputs to compare on: the user's .npz or text, else generated at each shape."""
+    if inputs is not None:
+        return [_load_npz(Path(inputs), plan)]
+    if text is not None:
+        return [_text_inputs(text, Path(tokenizer), plan, past_length, seed)]
+    return distinct_shapes([plan.make(batch, seq, past_length, seed) for batch, seq in shapes])
 
 
 # --- running both models ------------------------------------------------------------------------------
