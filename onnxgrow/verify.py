@@ -38,7 +38,7 @@ from .errors import NOT_PRESERVED, OnnxgrowError, RuntimeRefused, first_line
 from .metadata import IO_MAP_KEY, IO_NAMES_KEY, stream_map
 # Sessions live in onnxgrow/runtime.py (providers, CUDA preload, no silent fallback); these names stay
 # importable from validate for the callers that know them from there.
-from .runtime import one_line, open_session, resolve_providers, run_model  # noqa: F401
+from .runtime import NO_KERNEL, one_line, open_session, resolve_providers, run_model  # noqa: F401
 from .views import CASTS, IDS_FORWARD, look_through
 
 log = logging.getLogger(__name__)
@@ -762,12 +762,10 @@ def validate(source: Path, target: Path, *, provider: str = "auto", inputs: Path
 
     weights = weights_dtype(source_model, target_model)
     partial_ok = shrinks(source_model, target_model)
-    segments = None
+    runs = None
     if choose_blockwise(blockwise, source_model, target_model):
-        segments = cut_both(source_model, target_model, forced=blockwise is True)
-    if segments is not None:
-        runs = blockwise_runs(source, target, source_model, target_model, segments, cases, to_target, provider)
-    else:
+        runs = try_blockwise(source, target, source_model, target_model, cases, to_target, provider, blockwise)
+    if runs is None:
         runs = whole_runs(source, target, cases, to_target, provider)
     if not runs.cases:
         raise RuntimeRefused(f"ONNX Runtime cannot run {source} at any of the shapes asked ("
@@ -868,6 +866,21 @@ def cut_both(source_model: ir.Model, target_model: ir.Model, forced: bool):
     for model in (source_model, target_model):  # what the analysis read (tied tables) need not stay mapped
         modelio.release_external(model)
     return segments
+
+
+def try_blockwise(source, target, source_model, target_model, cases, to_target, provider, asked) -> Runs | None:
+    """The blockwise runs; None, unless they were asked for, where the pair is better compared whole."""
+    segments = cut_both(source_model, target_model, forced=asked is True)
+    if segments is None:
+        return None
+    try:
+        return blockwise_runs(source, target, source_model, target_model, segments, cases, to_target, provider)
+    except RuntimeRefused as e:
+        if asked is True or NO_KERNEL not in str(e):
+            raise
+        # bfloat16 on ONNX Runtime's CPU: only the torch bridge runs it, and only whole
+        log.warning("comparing the models whole: %s", first_line(e)[:200])
+        return None
 
 
 def blockwise_runs(source: Path, target: Path, source_model: ir.Model, target_model: ir.Model, segments,

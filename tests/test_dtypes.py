@@ -446,3 +446,16 @@ def test_bfloat16_rewrites_are_verified_in_the_torch_bridge(variants, tmp_path, 
     weight.CopyFrom(numpy_helper.from_array((array * 1.5).astype(ml_dtypes.bfloat16), weight.name))
     onnx.save(broken, str(tmp_path / "broken.onnx"))
     assert not validate(source, tmp_path / "broken.onnx", provider="cpu").passed
+
+
+@pytest.mark.parametrize("variant", ["float16", "bfloat16", "cast16"])
+def test_blockwise_verification_in_every_dtype(variants, monkeypatch, variant):
+    """Half-precision segments run in ONNX Runtime like the whole model; a bfloat16 pair on the CPU,
+    where only the torch bridge runs it, is compared whole even when blockwise is chosen for size."""
+    from onnxgrow import verify
+    source = variants.path("gpt2-ts17", variant)
+    target, _ = variants.rewrite("gpt2-ts17", variant, "hypercloning")
+    monkeypatch.setattr(verify, "BLOCKWISE_ABOVE", 0)
+    report = verify.validate(source, target)
+    assert report.passed
+    assert report.mode == ("whole" if ort_cannot_run(source) else "blockwise")
