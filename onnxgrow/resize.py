@@ -230,7 +230,9 @@ def resize_tensor(tensor, maps, contracted, rule, seed, hook, name, dims):
     new = resize_array(old, maps, contracted, rule, np.random.default_rng(seed))
     if hook is not None:
         new = hook(name, old, new, dims)
-    if not np.may_share_memory(new, old):
+    copied = not np.may_share_memory(new, old)
+    del old  # a live view of the mapping would keep it open
+    if copied:
         release(tensor)
     return ir.tensor(new, name=name)
 
