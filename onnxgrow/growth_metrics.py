@@ -11,6 +11,7 @@ A curve is a list of (step, held-out loss), steps increasing. The grown arm is c
 
 None means "not measurable in these curves": the scratch arm never reached the grown arm's start, or
 the grown arm never got down to scratch's loss at N within its curve (it is worse than scratch there).
+PAST marks a budget beyond the end of the scratch curve: not measured, neither good nor bad.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import math
 from typing import Sequence
 
 Curve = Sequence[Sequence[float]]  # [(step, loss), ...]
+PAST = "past the run"
 
 
 def steps_to_reach(curve: Curve, loss: float) -> float | None:
@@ -93,8 +95,12 @@ def measure(grown: Curve, scratch: Sequence[Curve], multiples=(1, 2, 4)) -> dict
     """H, and R and the saving at budgets of H times each of `multiples` (keys "1H", "2H", ...)."""
     head = head_start(grown, scratch)
     out = {"head_start": head, "saved": {}, "retention": {}, "savings": {}}
+    end = min(c[-1][0] for c in scratch)
     for k in multiples:
         key = f"{k}H"
+        if head and k * head > end:
+            out["saved"][key] = out["retention"][key] = out["savings"][key] = PAST
+            continue
         s = saved_steps(grown, scratch, k * head) if head else None
         out["saved"][key], out["retention"][key] = s, retention(s, head)
         out["savings"][key] = saving(k * head, s) if head else None
@@ -102,8 +108,9 @@ def measure(grown: Curve, scratch: Sequence[Curve], multiples=(1, 2, 4)) -> dict
 
 
 def median_and_range(values: Sequence[float | None]) -> dict:
-    """Median, min and max; a None (not measurable: behind scratch) ranks below every number."""
-    ranked = sorted(values, key=lambda v: -math.inf if v is None else v)
+    """Median, min and max; a None (not measurable: behind scratch) ranks below every number, and
+    PAST (budget not run) is left out."""
+    ranked = sorted((v for v in values if v != PAST), key=lambda v: -math.inf if v is None else v)
     if not ranked:
         return {"median": None, "min": None, "max": None, "n": 0}
     mid = len(ranked) // 2

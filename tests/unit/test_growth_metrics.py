@@ -69,3 +69,11 @@ def test_median_ranks_unmeasurable_lowest():
     assert gm.median_and_range([0.5, None, 0.9]) == {"median": 0.5, "min": None, "max": 0.9, "n": 3}
     assert gm.median_and_range([0.2, 0.4])["median"] == pytest.approx(0.3)
     assert gm.median_and_range([None, 0.4])["median"] is None
+
+
+def test_budgets_past_the_scratch_run_are_not_measured():
+    grown = [(s, 6 - s / 10) for s in range(0, 61, 10)]
+    m = gm.measure(grown, [SCRATCH], multiples=(1, 4))  # H = 40: 4H = 160 is past scratch's 100 steps
+    assert m["retention"]["1H"] == pytest.approx(1.0)
+    assert m["retention"]["4H"] == gm.PAST
+    assert gm.median_and_range([gm.PAST, 0.5, None])["n"] == 2
