@@ -5,25 +5,30 @@ grown model against a randomly initialised model of the same size.
     python bench/growth.py --setting gpu      # the full-size run, on a machine with CUDA
     python bench/growth.py --setting smoke    # seconds; what the test suite runs
 
-Protocol (choices from ../shared/notes/growth-reference.md, made explicit here):
+Protocol (issue #16; choices from ../shared/notes/growth-reference.md and growth-recipes.md):
 - Corpus: Python source files that ship with Python (the standard library without its tests; the
   gpu setting adds every installed package's .py files), byte-level tokens, file order shuffled
-  with a fixed seed. The last 10% is held out (onnxgrow.training's split).
+  with a fixed seed. The last 10% is held out (onnxgrow.training's split) and cut in two: the first
+  half's windows tune the rates ("tune"), the second half's are what is reported ("report"); a
+  window whose bytes occur word for word in the training split is dropped from both.
 - Source: a Llama-style decoder (RMSNorm, rotary, SwiGLU, grouped-query attention) with random
-  weights, exported by torch.onnx, then trained `source_steps` with onnxgrow.training.
+  weights, exported by torch.onnx, then trained `source_steps` with `onnxgrow train`'s plain schedule
+  (cosine to lr/10: an annealed source). One source per seed.
 - Grown arms: the trained source rewritten by onnxgrow (width x2: hypercloning, fpi, pad; depth x2:
   identity, stack, interleave; both: hypercloning x2 then stack x2; subclone to half width and half
-  depth). Copying methods get symmetric noise (s = `noise`, as a fraction of each weight's std),
-  which cancels exactly, so that the copies do not receive identical gradients.
-- Random arms: the same graph with fresh weights (onnxgrow.subcloning.randomized: N(0, 0.02)
-  matrices, unit norms, zero biases), one per target shape.
-- Every arm trains `steps` with onnxgrow.training: same data order (same seed), AdamW, linear warmup then
-  cosine decay, validation every `eval_every` steps on the same held-out windows. The learning
-  rate of the random and of the grown arm is each chosen from a small grid on the width group and
-  then used for every group (a tuned baseline: an untuned one flatters growth).
-- Steps to reach: the first step from which a grown arm's validation loss stays at or below the
-  random arm's final loss (linear interpolation between evaluations). Saving = random steps /
-  grown steps. A second ratio counts the source's own training seconds against the grown arm.
+  depth). Copying methods get symmetric noise (s = `noise`). Each grown arm is trained once per
+  recipe in `recipes` (onnxgrow.recipes; "auto" is what `onnxgrow train` does by default, and its
+  arm keeps the plain name; others are named "ARM (recipe NAME)").
+- Random arms: the same graph with fresh weights (onnxgrow.subcloning.randomized), one per target shape.
+- Every arm trains `steps` at a constant rate after warmup, so that one run gives every budget.
+  Seeds: k = 0 .. seeds-1 sets the source's init, the data order, the random arm's init and the noise.
+  Rates: every arm (random included) and every recipe tunes its own rate from its grid on seed 0's
+  tuning split, per group (target shape), also when a group runs alone; seeds 1.. reuse it.
+- Measures (onnxgrow.growth_metrics, on the report split): head start H (steps the random arm needs
+  to reach the grown arm's step-0 loss), saved steps S(N), retention R(N) = S(N)/H and saving
+  N/(N - S(N)) at N = H, 2H, 4H, per seed, with the median and range; the saving counting the
+  source's own training seconds too. The old single-budget ratio (random steps / grown steps to reach
+  the random arm's final loss, seed 0) is kept in the first table.
 
 Results go to WORKDIR/growth.json, growth.md (the table) and growth.png (every loss curve).
 """
@@ -81,8 +86,8 @@ SETTINGS = {
     "smoke": Setting(source=dict(hidden=64, heads=4, kv_heads=2, layers=2, ffn=96), seq=32, batch=4,
                      source_steps=20, steps=10, eval_every=5, lrs_random=(3e-3,), lrs_grown=(1e-3,),
                      source_lr=3e-3, corpus_mb=0.3, seeds=1, recipes=("auto",), eval_windows=8),
-    "cpu": Setting(source=dict(hidden=64, heads=4, kv_heads=2, layers=2, ffn=172), seq=64, batch=16,
-                   source_steps=300, steps=800, eval_every=25, lrs_random=(2e-3, 4e-3, 8e-3),
+    "cpu": Setting(source=dict(hidden=48, heads=4, kv_heads=2, layers=2, ffn=128), seq=64, batch=16,
+                   source_steps=300, steps=640, eval_every=20, lrs_random=(2e-3, 4e-3, 8e-3),
                    lrs_grown=(1e-3, 2e-3, 4e-3), source_lr=4e-3, corpus_mb=8, groups=("width", "subclone")),
     "gpu": Setting(source=dict(hidden=256, heads=8, kv_heads=4, layers=4, ffn=688), seq=256, batch=64,
                    source_steps=10000, steps=3000, eval_every=100, lrs_random=(1e-3, 2e-3, 4e-3),
@@ -504,8 +509,8 @@ def merge(paths: list[Path]) -> dict:
     """One report from runs of separate groups (same setting and source; later runs win)."""
     reports = [json.loads(Path(p).read_text()) for p in paths]
     merged = dict(reports[0], runs=[{k: r[k] for k in ("commit", "date", "config", "tuning")} for r in reports])
-    for key in ("results", "curves"):
-        merged[key] = {k: v for r in reports for k, v in r[key].items()}
+    for key in ("results", "curves", "tuning_curves", "tuning"):
+        merged[key] = {k: v for r in reports for k, v in r.get(key, {}).items()}
     return merged
 
 
