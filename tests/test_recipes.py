@@ -95,3 +95,9 @@ def test_cli_train_prints_the_recipe(grown, tmp_path):
     assert "recipe none (asked for): the plain schedule" in result.output
     result = CliRunner().invoke(app, args + ["--recipe", "nope", "--force"])
     assert result.exit_code == 2 and "unknown recipe 'nope'" in result.output
+
+
+def test_constant_schedule_and_warm_start():
+    # 100 steps: a 5-step warmup, from lr/10 with the recipe, then the constant rate
+    assert [lr_at(s, 100, 1.0, 0.1, "constant") for s in (0, 4, 5, 99)] == pytest.approx([0.28, 1.0, 1.0, 1.0])
+    assert lr_at(99, 100, 1.0) < 0.11  # the plain cosine ends near lr/10
