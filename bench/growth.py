@@ -438,7 +438,7 @@ def table(report: dict) -> str:
         lines.append(f"| {key} | {r['lr']:g} | {r['loss_at_0']:.3f} | {r['final_loss']:.3f} | {r['random_final']:.3f} | "
                      f"{reach} | {fmt(r['seconds_to_reach'], '.0f')} | {fmt(r['saving'], '.2f', '< 1')} | "
                      f"{fmt(r['saving_with_source'], '.2f', '< 1')} |")
-    lines += ["", budget_table(report)]
+    lines += ["", budget_table(report), "", tuning_table(report)]
     if "encoder" in report["results"]:
         e = report["results"]["encoder"]
         lines += ["", "| encoder (MiniLM, masked LM) | lr | loss at 0 | final loss | random final | steps to reach | saving |",
@@ -469,6 +469,19 @@ def budget_table(report: dict) -> str:
         cells = [spread(med[f"retention {k}H"], ".2f") for k in BUDGETS] + \
                 [spread(med[f"savings {k}H"], ".2f") for k in BUDGETS]
         lines.append(f"| {key} | {med['head_start']['n']} | {spread(med['head_start'], '.0f')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def tuning_table(report: dict) -> str:
+    """Each arm's rate grid: final loss on the tuning split (seed 0), the chosen rate in bold."""
+    lines = ["| arm | final loss on the tuning split, by lr (chosen in bold) |", "|---|---|"]
+    for group, arms in report.get("tuning", {}).items():
+        for arm, by_lr in arms.items():
+            best = min(by_lr, key=by_lr.get)
+            cells = ", ".join((f"**{float(lr):g}: {v:.3f}**" if lr == best else f"{float(lr):g}: {v:.3f}")
+                              for lr, v in by_lr.items())
+            name = f"{group.split('/')[0]}/random" if arm == "random" else arm
+            lines.append(f"| {name} | {cells} |")
     return "\n".join(lines)
 
 
@@ -527,6 +540,7 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default: the setting's)")
     parser.add_argument("--steps", type=int, default=None, help="every target arm's steps")
     parser.add_argument("--recipes", default=None, help="comma list of train recipes for the grown arms")
+    parser.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
     parser.add_argument("--merge", nargs="+", type=Path, default=None,
                         help="instead of running: merge these growth.json files into WORKDIR")
     args = parser.parse_args(argv)
@@ -541,7 +555,7 @@ def main(argv=None):
     for arg, key in ((args.lrs_random, "lrs_random"), (args.lrs_grown, "lrs_grown")):
         if arg:
             SETTINGS[args.setting] = replace(SETTINGS[args.setting], **{key: tuple(float(x) for x in arg.split(","))})
-    overrides = {"seeds": args.seeds, "steps": args.steps,
+    overrides = {"seeds": args.seeds, "steps": args.steps, "eval_every": args.eval_every,
                  "recipes": tuple(args.recipes.split(",")) if args.recipes else None}
     SETTINGS[args.setting] = replace(SETTINGS[args.setting], **{k: v for k, v in overrides.items() if v})
     if args.threads:
