@@ -12,8 +12,13 @@ The recipe is chosen from the model's `onnxgrow.history`, from the entries since
 
     widen:hypercloning:hidden=256,...:from=hidden=128,...   copied inputs x2 -> "grown" (lr/2, warm start)
     widen:pad:...                                           no copies       -> "warm"
-    deepen:identity:layers=4, subclone:...                  no copies       -> "warm"
+    deepen:identity:layers=4                                no copies       -> "warm"
+    subclone:...                                            not exact       -> "none"
     nothing, or train:... last                              a plain model   -> "none"
+
+A subclone starts well above its source's loss (it is not function-preserving), so there is no
+annealed state to keep; on the growth benchmark (docs/BENCHMARKS.md) its warm start kept less of the
+head start than the plain schedule, so a subclone gets the plain one.
 
 Names for `--recipe`: auto (from the history), none (the plain schedule), grown, mup, warm.
 """
@@ -85,6 +90,8 @@ def from_history(entries: list[str]) -> Recipe:
     if not growth:
         why = "trained since it was grown" if entries else "no growth in its history"
         return Recipe("none", why)
+    if growth[-1].startswith("subclone:"):
+        return Recipe("none", "subcloned: not function-preserving, and the warm start did not help it")
     factor, steps = 1.0, []
     for entry in growth:
         command, _, rest = entry.partition(":")

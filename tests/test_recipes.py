@@ -38,7 +38,7 @@ def test_recipe_from_history():
     assert recipes.from_history([wide, wide.replace("128", "256").replace("=64", "=128")]).copy_factor == 4
     assert recipes.from_history(["widen:pad:hidden=128:from=hidden=64"]).name == "warm"
     assert recipes.from_history(["deepen:stack:layers=4"]).name == "warm"
-    assert recipes.from_history(["subclone:hidden=64,layers=1,removed=[1]"]).name == "warm"
+    assert recipes.from_history(["subclone:hidden=64,layers=1,removed=[1]"]).name == "none"
     # trained since it was grown, or never grown: the plain schedule
     assert recipes.from_history([wide, "train:clm:steps=10"]).name == "none"
     assert recipes.from_history([]).name == "none"
