@@ -87,7 +87,7 @@ SETTINGS = {
                      source_steps=20, steps=10, eval_every=5, lrs_random=(3e-3,), lrs_grown=(1e-3,),
                      source_lr=3e-3, corpus_mb=0.3, seeds=1, recipes=("auto",), eval_windows=8),
     "cpu": Setting(source=dict(hidden=48, heads=4, kv_heads=2, layers=2, ffn=128), seq=64, batch=16,
-                   source_steps=150, steps=400, eval_every=20, lrs_random=(2e-3, 4e-3, 8e-3),
+                   source_steps=150, steps=400, eval_every=20, lrs_random=(5e-4, 1e-3, 2e-3, 4e-3),
                    lrs_grown=(1e-3, 2e-3, 4e-3), source_lr=4e-3, corpus_mb=8, groups=("width", "subclone")),
     "gpu": Setting(source=dict(hidden=256, heads=8, kv_heads=4, layers=4, ffn=688), seq=256, batch=64,
                    source_steps=10000, steps=3000, eval_every=100, lrs_random=(1e-3, 2e-3, 4e-3),
