@@ -128,10 +128,11 @@ def widen_ir(model, factor=None, *, hidden=None, heads=None, kv_heads=None, ffn=
     width_pass.check(spec)
     sizes = widen_sizes(spec, factor, hidden, heads, kv_heads, ffn)
     log.debug("widen %s: %s", method, describe(sizes))
+    before = describe({d: d.size for d in sizes})  # the source's sizes: train's recipe reads the copy factor
     resizer = Resizer(spec, width_pass.plans(spec, sizes, seed=seed))
     model = resizer.apply(width_pass.rule(noise=noise, seed=seed))
     width_pass.after(spec, resizer)
-    append_history(model, f"widen:{method}:{describe(sizes)}")
+    append_history(model, f"widen:{method}:{describe(sizes)}:from={before}")
     return model
 
 

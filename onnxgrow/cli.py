@@ -427,6 +427,11 @@ def train(model: Path = typer.Argument(..., help="ONNX model to continue trainin
           distill_from: Optional[Path] = typer.Option(None, help="source ONNX model whose predictions to match"),
           alpha: float = typer.Option(0.5, help="weight of the distillation term"),
           objective: str = typer.Option("auto", help="auto | clm | mlm"),
+          recipe: str = typer.Option("auto", help="how to continue a grown model: auto (chosen from the "
+                                     "model's onnxgrow.history) | none (the plain schedule) | grown (matrices "
+                                     "whose inputs were copied n times at lr/n, warmup from the source's final "
+                                     "rate lr/10) | mup (the lr/n part only) | warm (the warmup part only)"),
+          schedule: str = typer.Option("cosine", help="after the warmup: cosine (to lr/10) | constant"),
           resume: bool = typer.Option(False, help="continue from OUT.ckpt"),
           output: Optional[Path] = typer.Option(None, "--output", "-o"),
           force: bool = typer.Option(False, help="replace an existing output"),
@@ -438,7 +443,8 @@ def train(model: Path = typer.Argument(..., help="ONNX model to continue trainin
     summary = training.train(model, data, tokenizer=tokenizer, use_bytes=use_bytes, steps=steps, batch=batch,
                              seq=seq, lr=lr, device=device, distill_from=distill_from, alpha=alpha,
                              output=output, resume=resume, objective=objective, force=force,
-                             console=err if as_json else out, micro_batch=micro_batch, fsdp=fsdp)
+                             console=err if as_json else out, micro_batch=micro_batch, fsdp=fsdp,
+                             recipe=recipe, schedule=schedule)
     if summary["rank"] != 0:
         return  # under torchrun, rank 0 reports
     if as_json:

@@ -53,7 +53,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from . import api, bridge, distributed, metadata, modelio, precision
+from . import api, bridge, distributed, metadata, modelio, precision, recipes
 from .errors import NOT_PRESERVED, OnnxgrowError
 from .language_model import LanguageModel, choose_objective, loss_terms, make_batch, mask_token, windows
 from .static_shapes import fit, fit_sequence
@@ -73,17 +73,31 @@ MAX_VAL_WINDOWS = 64  # validation windows per evaluation: enough for a stable m
 # --- optimiser and schedule ---------------------------------------------------------------------------
 
 
-def lr_at(step: int, steps: int, lr: float) -> float:
+SCHEDULES = ("cosine", "constant")
+
+
+def lr_at(step: int, steps: int, lr: float, warmup_from: float = 0.0, schedule: str = "cosine") -> float:
+    """The rate at `step`: a linear warmup from lr * warmup_from (a grown model's recipe starts it at the
+    source's final rate), then a cosine decay to lr/10, or `constant` (the growth benchmark's long runs)."""
     warmup = max(1, min(100, steps // 20))
     if step < warmup:
-        return lr * (step + 1) / warmup
+        return lr * (warmup_from + (1 - warmup_from) * (step + 1) / warmup)
+    if schedule == "constant":
+        return lr
     progress = min(1.0, (step - warmup) / max(1, steps - warmup))
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+def make_optimizer(params: list[torch.Tensor], lr: float, scales: list[float] | None = None) -> torch.optim.Optimizer:
+    """AdamW with decay on matrices only; `scales` (one per parameter, default 1) multiply each
+    parameter's rate (param group key "lr_scale"), for a grown model's recipe."""
+    scales = scales or [1.0] * len(params)
+    groups = []
+    for scale in sorted(set(scales), reverse=True):
+        for decay, keep in ((0.1, lambda p: p.dim() >= 2), (0.0, lambda p: p.dim() < 2)):
+            members = [p for p, s in zip(params, scales) if s == scale and keep(p)]
+            if members or scale == 1.0:  # the plain layout (two groups) whatever the model
+                groups.append({"params": members, "weight_decay": decay, "lr_scale": scale})
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
 
@@ -103,7 +117,8 @@ class Trainer:
                  objective: str, steps: int, batch: int, seq: int, lr: float, mask_id: int,
                  device=torch.device("cpu"), teacher: LanguageModel | None = None, alpha: float = 0.5,
                  seed: int = 0, model_path=None, fixed_batch: bool = False,
-                 layout: distributed.Layout | None = None):
+                 layout: distributed.Layout | None = None, recipe: recipes.Recipe = recipes.PLAIN,
+                 lr_scales: dict | None = None, schedule: str = "cosine"):
         self.student, self.teacher, self.alpha = student, teacher, alpha
         self.objective, self.mask_id, self.device = objective, mask_id, device
         self.steps, self.batch, self.seq, self.lr = steps, batch, seq, lr  # steps: the schedule's length
@@ -119,14 +134,17 @@ class Trainer:
         self.layout = layout or distributed.Layout("single", 1, 0, batch, batch)
         # what the training forward runs: the module, or its DDP wrapper (FSDP shards the module in place)
         self.trainee = dataclasses.replace(student, module=distributed.wrap(student.module, self.layout))
-        trainable = [p for p in student.module.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in student.module.named_parameters() if p.requires_grad]
+        trainable = [p for _, p in named]
         self.precision = precision.choose(trainable, device)
         self.master = precision.MasterWeights(trainable)  # float32 copies of half-precision weights
         if self.layout.sharded and self.master.state():
             raise OnnxgrowError("--fsdp trains float32 weights only; this model's are float16/bfloat16 "
                                 "(train it without --fsdp)")
         self.loss_scale = precision.LossScale(self.precision.loss_scaling)
-        self.optimizer = make_optimizer(self.master.params(), lr)
+        self.recipe, self.schedule = recipe, schedule
+        scales = [(lr_scales or {}).get(n, 1.0) for n, _ in named]  # master.params() follow `trainable`
+        self.optimizer = make_optimizer(self.master.params(), lr, scales)
         log.debug("precision: %s", self.precision.describe())
         self.rng = np.random.default_rng(seed)  # data order and MLM masks
         self.steps_done = 0
@@ -138,10 +156,11 @@ class Trainer:
     @classmethod
     def build(cls, m: ir.Model, data_path, *, tokenizer=None, use_bytes=False, steps, batch, seq, lr,
               device, objective="auto", val_fraction=0.1, seed=0, distill_from=None, alpha=0.5,
-              model_path=None, micro_batch=None, fsdp=False) -> "Trainer":
+              model_path=None, micro_batch=None, fsdp=False, recipe="auto", schedule="cosine") -> "Trainer":
         """A Trainer for model `m` on the tokens of `data_path` (text or .npy), the last `val_fraction`
         held out; `distill_from` is the path of a teacher model. `batch` is the global batch, run in
-        micro-batches of `micro_batch` windows on each of torchrun's ranks (distributed.plan)."""
+        micro-batches of `micro_batch` windows on each of torchrun's ranks (distributed.plan).
+        `recipe`: a name in recipes.RECIPES ("auto": chosen from the model's onnxgrow.history)."""
         spec = api.structure(m)
         fixed_batch = spec.static_shape()[0]
         layout = plan_layout(batch, micro_batch, fixed_batch, fsdp)
@@ -155,9 +174,12 @@ class Trainer:
         train_tokens, val_tokens = split_tokens(tokens, window_length(seq, objective), val_fraction)
         mask_id = mask_token(tokenizer, student.vocab)
         teacher = load_teacher(distill_from, student.vocab, device) if distill_from is not None else None
+        chosen = recipes.choose(recipe, metadata.history(m))
+        log.info("%s", chosen.describe())
         return cls(student, train_tokens, val_tokens, objective=objective, steps=steps, batch=batch, seq=seq,
                    lr=lr, mask_id=mask_id, device=device, teacher=teacher, alpha=alpha, seed=seed,
-                   model_path=model_path, fixed_batch=fixed_batch is not None, layout=layout)
+                   model_path=model_path, fixed_batch=fixed_batch is not None, layout=layout, recipe=chosen,
+                   lr_scales=recipes.lr_scales(student.module, spec, chosen), schedule=schedule)
 
     def loss(self, ids: torch.Tensor, labels: torch.Tensor, model: LanguageModel | None = None) -> torch.Tensor:
         """Cross-entropy on the labelled positions, mixed with KL to the teacher when there is one.
@@ -190,9 +212,9 @@ class Trainer:
         t0 = time.perf_counter()
         starts = self.rng.integers(0, len(self.train_tokens) - self.window + 1, self.batch)
         ids, labels = self.batch_of(self.train_tokens, starts, self.rng)
-        lr = lr_at(self.steps_done, self.steps, self.lr)
+        lr = lr_at(self.steps_done, self.steps, self.lr, self.recipe.warmup_from, self.schedule)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         self.student.module.train()
         self.student.module.zero_grad(set_to_none=True)
         self.optimizer.zero_grad(set_to_none=True)
@@ -417,7 +439,8 @@ def resolve_device(device: str) -> torch.device:
         raise OnnxgrowError(f"unknown device {device!r} (use auto, cpu or cuda)") from e
 
 
-def check_options(steps, batch, seq, lr, alpha, val_fraction, objective, log_every, checkpoint_every):
+def check_options(steps, batch, seq, lr, alpha, val_fraction, objective, log_every, checkpoint_every,
+                  schedule="cosine"):
     if steps < 1 or (batch is not None and batch < 1) or (seq is not None and seq < 2):
         raise OnnxgrowError("steps and batch must be at least 1, seq at least 2")
     if not lr > 0:
@@ -428,6 +451,8 @@ def check_options(steps, batch, seq, lr, alpha, val_fraction, objective, log_eve
         raise OnnxgrowError(f"val_fraction must be within [0, 1), got {val_fraction}")
     if objective not in ("auto", "clm", "mlm"):
         raise OnnxgrowError(f"unknown objective {objective!r} (use auto, clm or mlm)")
+    if schedule not in SCHEDULES:
+        raise OnnxgrowError(f"unknown schedule {schedule!r} (use {', '.join(SCHEDULES)})")
     if log_every < 1 or checkpoint_every < 0:
         raise OnnxgrowError("log_every must be at least 1 and checkpoint_every at least 0")
 
@@ -438,7 +463,7 @@ def check_options(steps, batch, seq, lr, alpha, val_fraction, objective, log_eve
 def train(model_path, data_path, *, tokenizer=None, use_bytes=False, steps, batch=None, seq=None, lr=3e-4,
           device="auto", distill_from=None, alpha=0.5, output=None, resume=False, objective="auto",
           val_fraction=0.1, seed=0, log_every=10, checkpoint_every=100, force=False, console=None,
-          micro_batch=None, fsdp=False) -> dict:
+          micro_batch=None, fsdp=False, recipe="auto", schedule="cosine") -> dict:
     """Train the model at `model_path` on `data_path` and write it back to ONNX; returns a summary.
 
     batch and seq default to 8 and 128, or to what a static-shape export fixes; seq to no more than a
@@ -446,10 +471,12 @@ def train(model_path, data_path, *, tokenizer=None, use_bytes=False, steps, batc
     checkpoint_every=0 checkpoints only at the end. `console` (a rich Console) takes the progress
     display and the log lines; by default they go to stderr. Under torchrun, `batch` is the global
     batch, `micro_batch` the windows of one forward, and `fsdp` shards the run (onnxgrow.distributed);
-    only rank 0 prints and writes.
+    only rank 0 prints and writes. `recipe` (onnxgrow.recipes) adapts the rates and warmup to a model
+    that was grown or subcloned ("auto": chosen from its history; "none": the plain schedule);
+    `schedule`: "cosine" (to lr/10) or "constant" after the warmup.
     """
     from rich.console import Console
-    check_options(steps, batch, seq, lr, alpha, val_fraction, objective, log_every, checkpoint_every)
+    check_options(steps, batch, seq, lr, alpha, val_fraction, objective, log_every, checkpoint_every, schedule)
     main = os.environ.get("RANK", "0") == "0"
     console = (console or Console(stderr=True)) if main else Console(quiet=True)
     model_path = Path(model_path)
@@ -463,7 +490,7 @@ def train(model_path, data_path, *, tokenizer=None, use_bytes=False, steps, batc
         trainer = Trainer.build(m, data_path, tokenizer=tokenizer, use_bytes=use_bytes, steps=steps, batch=batch,
                                 seq=seq, lr=lr, device=dev, objective=objective, val_fraction=val_fraction,
                                 seed=seed, distill_from=distill_from, alpha=alpha, model_path=model_path,
-                                micro_batch=micro_batch, fsdp=fsdp)
+                                micro_batch=micro_batch, fsdp=fsdp, recipe=recipe, schedule=schedule)
         summary = run_training(trainer, console, resume, log_every, checkpoint_every, output, distill_from)
         history = (f"train:{trainer.objective}:steps={steps}" +
                    (f",distill={alpha:g}" if distill_from is not None else ""))
@@ -483,6 +510,7 @@ def run_training(trainer: Trainer, console, resume, log_every, checkpoint_every,
         precision.check_finite_loss(val_start, start, trainer.lr, updated=trainer.updated)
     # the log's first line; after the checks above, so that a refusal is the one line printed
     console.print(trainer.layout.describe())
+    console.print(trainer.recipe.describe())
     if trainer.fixed_shape:
         console.print(f"windows of {trainer.seq} tokens, {trainer.layout.micro} per forward: the model's static shape")
     if val_start is not None:
@@ -541,7 +569,9 @@ def run_summary(trainer: Trainer, start: int, val_start, val_end, output, ckpt_p
     return {
         "output": str(output), "checkpoint": str(ckpt_path), "plot": str(plot_path),
         "objective": t.objective, "device": str(t.device), "precision": t.precision.describe(),
-        "schedule": SCHEDULE, "steps": t.steps,
+        "schedule": SCHEDULE if t.schedule == "cosine" else "linear warmup then constant",
+        "recipe": t.recipe.name, "recipe_reason": t.recipe.describe(),
+        "lr_groups": sorted({g["lr_scale"] for g in t.optimizer.param_groups if g["params"]}), "steps": t.steps,
         "start_step": start, "batch": t.batch, "seq": t.seq, "lr": t.lr,
         "distill_from": str(distill_from) if distill_from is not None else None, "alpha": t.alpha,
         "tokens_train": int(len(t.train_tokens)), "tokens_val": int(len(t.val_tokens)),
