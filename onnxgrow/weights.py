@@ -42,7 +42,7 @@ from .structure import TransformerSpec, out_axis, weight_of
 def projection(spec: TransformerSpec, node: ir.Node, role: str, roles: dict) -> None:
     """The weight (as [out, in]) and the bias of one projection node."""
     weight, _ = weight_of(spec.flow, node)
-    roles[role] = (weight.name, out_axis(spec.flow, node) == 1)
+    roles[role] = (weight.name, out_axis(spec.flow, node) == len(weight.const_value.shape) - 1)
     bias = bias_of(spec, node)
     if bias is not None:
         roles[role + ".bias"] = (bias.name, False)
@@ -135,7 +135,7 @@ def export_weights(model, out_path, *, force: bool = False) -> Path:
     tensors, meta = {}, {}
     for role, (name, transposed) in roles.items():
         t = tensor_from_ir(m.graph.initializers[name].const_value)
-        tensors[role] = t.t().contiguous() if transposed else t
+        tensors[role] = t.transpose(-1, -2).contiguous() if transposed else t  # [1, in, out] too
         meta[role] = {"initializer": name, "transposed": transposed}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".onnxgrow-", suffix=".safetensors", dir=out_path.parent)
@@ -175,7 +175,7 @@ def assignments(roles: dict, tensors: dict, strict: bool) -> dict[str, torch.Ten
         if role not in roles:
             continue
         name, transposed = roles[role]
-        value = value.t() if transposed else value
+        value = value.transpose(-1, -2) if transposed else value
         if name in out and not torch.equal(out[name], value):
             raise OnnxgrowError(f"{role} and another role share initializer {name!r} but hold different values")
         out[name] = value
