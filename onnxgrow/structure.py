@@ -324,11 +324,11 @@ def find_embeddings(g: ir.Graph, flow: ShapeFlow) -> Embeddings:
             if t is not None and len(t.shape) == 2 and t.dtype.is_floating_point():
                 gathers.append(node)
                 tables[id(node)] = table
-    direct = [n for n in gathers if ids_source(n.inputs[1]).is_graph_input()]
+    direct = [n for n in gathers if input_ids_of(n) is not None]
     if not direct:
         raise no_token_embedding(g, gathers, tables)
     # the largest table is the tokens', unless its input is named for positions or token types
-    token = max(direct, key=lambda n: (role_by_name(ids_source(n.inputs[1]).name) is None,
+    token = max(direct, key=lambda n: (role_by_name(input_ids_of(n).name) is None,
                                        tables[id(n)].const_value.shape[0]))
     token_table = tables[id(token)]
     tie_copies(g, flow, token_table)
@@ -343,7 +343,18 @@ def find_embeddings(g: ir.Graph, flow: ShapeFlow) -> Embeddings:
     log.debug("token embedding %r (vocab %s, hidden %s) at Gather %r; position table %r; token-type table %r",
               token_table.name, vocab.size, hidden.size, token.name, position and position.name,
               types and types.name)
-    return Embeddings(token_table, position, hidden, vocab, types, ids_source(token.inputs[1]))
+    return Embeddings(token_table, position, hidden, vocab, types, input_ids_of(token))
+
+
+def input_ids_of(gather: ir.Node) -> ir.Value | None:
+    """The graph input a lookup's ids are, directly, reshaped, or wrapped for negative indices (Keras
+    writes where(ids < 0, ids + vocab, ids) as Cast, Less, Mul and Add on int32 ids); None for ids
+    counted in the graph (positions) or taken from constants."""
+    direct = ids_source(gather.inputs[1])
+    if direct.is_graph_input():
+        return direct
+    counters, _, inputs = id_sources(gather.inputs[1])
+    return inputs[0] if len(inputs) == 1 and not counters else None
 
 
 # com.microsoft EmbedLayerNormalization (onnxruntime.transformers.optimizer's BERT): the lookups of all

@@ -33,6 +33,8 @@ FRAMEWORKS = Path(__file__).resolve().parents[1] / "models" / "frameworks"
 # the true configuration of each form (models/build_frameworks.py)
 CONFIGS = {
     "tf2onnx-gpt2": dict(hidden_size=32, num_heads=4, num_layers=2, ffn_size=64, vocab_size=256),
+    "keras-gpt": dict(hidden_size=32, num_heads=4, num_layers=2, ffn_size=64, vocab_size=256),
+    "keras-bert": dict(hidden_size=32, num_heads=4, num_layers=2, ffn_size=64, vocab_size=256),
 }
 FORMS = sorted(CONFIGS)
 SHAPES = ((1, 5), (2, 9))
