@@ -169,6 +169,9 @@ def fold_weight_shapes(graph: ir.Graph) -> None:
         graph.register_initializer(value)
         out.replace_all_uses_with(value)
         folded.add(value.name)
+        if reshaped:  # the weight as exported is the kernel: export/import-weights keep its layout
+            graph.meta.setdefault("onnxgrow_aliases", {})[value.name] = inputs[0].name
+            graph.meta.setdefault("onnxgrow_relaid", set()).add(inputs[0].name)
         graph.remove(node, safe=True)
         for v in inputs:  # a kernel read only for its shape is no weight of the model
             if not v.uses() and not v.is_graph_input() and not v.is_graph_output():

@@ -123,7 +123,20 @@ def spec_and_roles(model, extra=None) -> tuple[ir.Model, TransformerSpec, dict[s
         added = extra(spec)
         roles = {r: v for r, v in roles.items() if not (r.startswith("other.") and v in added.values())} | added
     # in the graph as exported such a parameter is its twin: the roles share that initializer
-    return m, spec, {role: (aliases.get(name, name), t) for role, (name, t) in roles.items()}
+    relaid = spec.model.graph.meta.get("onnxgrow_relaid", set())
+    exported = {role: as_exported(name, aliases) for role, (name, _) in roles.items()}
+    # a kernel reshaped at run time (Keras' MultiHeadAttention) is written in its stored layout
+    return m, spec, {role: (exported[role], t and exported[role] not in relaid) for role, (_, t) in roles.items()}
+
+
+def as_exported(name: str, aliases: dict) -> str:
+    """The initializer a normalized copy's parameter is in the model as exported (aliases chain:
+    an unshared copy of a weight folded from a kernel's reshape)."""
+    seen = set()
+    while name in aliases and name not in seen:
+        seen.add(name)
+        name = aliases[name]
+    return name
 
 
 def export_weights(model, out_path, *, force: bool = False) -> Path:
