@@ -194,3 +194,21 @@ def test_bridge_op_matches_onnxruntime(case):
     got = got.detach().numpy()
     assert got.shape == expected.shape
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_einsum_projection_by_a_3d_kernel_is_followed():
+    """Keras' MultiHeadAttention projects with einsum "abc,cde->abde" by a [hidden, heads, head_dim]
+    kernel: the dataflow gives the output the kernel's heads and head_dim, and hidden is summed over."""
+    import onnx_ir as ir
+    from onnxgrow.dims import same
+    from onnxgrow.shapeflow import analyse
+    kernel = onnx.numpy_helper.from_array(RNG.standard_normal((32, 4, 8)).astype(np.float32), "kernel")
+    node = helper.make_node("Einsum", ["x", "kernel"], ["y"], equation="abc,cde->abde")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", "s", 32])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], [kernel])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    flow = analyse(model)
+    assert not flow.problems
+    x, w, y = (flow.dims[v] for v in (model.graph.inputs[0], model.graph.initializers["kernel"], model.graph.outputs[0]))
+    assert same(x[2], w[0]) and same(y[2], w[1]) and same(y[3], w[2]) and same(y[0], x[0])
+    assert flow.contracted["kernel"] == {0}
