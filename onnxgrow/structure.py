@@ -149,7 +149,10 @@ def weight_of(flow: ShapeFlow, node: ir.Node):
         return None
     for i in (1, 0):
         init, _ = flow.source_initializer(node.inputs[i])
-        if init is not None and is_matrix(init.const_value.shape):
+        shape = init.const_value.shape if init is not None else ()
+        # leading unit axes only on the right of activations x weight: rotary frequencies [1, d, 1] on
+        # the left of positions are no projection
+        if init is not None and (len(shape) == 2 or (i == 1 and is_matrix(shape))):
             return init, i
     return None
 
