@@ -18,6 +18,9 @@ It writes, all with random weights (no download), hidden 32, 4 heads, 2 layers, 
                         by Keras 3's model.export(format="onnx") on the TensorFlow backend
     keras-bert.onnx     a BERT-style encoder in keras.layers (post-norm blocks, no mask, a Dense
                         head over the vocabulary), exported the same way
+
+Every weight gets a small random shift after it is built, so biases and LayerNorm betas are not zero
+(tf2onnx folds an Add of zeros away, and a trained model's export has them).
 """
 
 from __future__ import annotations
@@ -33,6 +36,17 @@ OUT = Path(__file__).resolve().parent / "frameworks"
 HIDDEN, HEADS, LAYERS, FFN, VOCAB, POSITIONS = 32, 4, 2, 64, 256, 64
 
 
+def perturb(variables, seed: int) -> None:
+    """Fresh models have zero biases and LayerNorm betas, which tf2onnx folds away (an Add of zeros is
+    dropped, beta - x becomes Neg(x)): a small random shift on every weight keeps the graph in the
+    form a trained model exports to."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    for v in variables:
+        value = np.asarray(v.numpy())
+        v.assign((value + rng.normal(0.0, 0.02, value.shape)).astype(value.dtype))
+
+
 def tf2onnx_gpt2(path: Path) -> None:
     import tensorflow as tf
     import tf2onnx
@@ -42,6 +56,7 @@ def tf2onnx_gpt2(path: Path) -> None:
                                      vocab_size=VOCAB, n_positions=POSITIONS)
     model = transformers.TFGPT2LMHeadModel(config)
     model(tf.constant([[1, 2, 3]], dtype=tf.int32))  # builds the weights
+    perturb(model.weights, 0)
 
     @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name="input_ids")])
     def logits(input_ids):
@@ -101,6 +116,7 @@ def keras_model(causal: bool, pre_norm: bool, name: str):
 def keras_export(model, path: Path) -> None:
     import numpy as np
     model(np.array([[1, 2, 3]], dtype="int32"))  # Keras exports only a model that has run
+    perturb(model.weights, 1)
     model.export(str(path), format="onnx")
 
 

@@ -37,6 +37,7 @@ from .bridge import FLOAT_TYPES, as_proto, load_ir, store, tensor_from_ir
 from .errors import OnnxgrowError
 from .metadata import ROLES_KEY
 from .structure import TransformerSpec, out_axis, weight_of
+from .views import reshaped_forward
 
 
 def projection(spec: TransformerSpec, node: ir.Node, role: str, roles: dict) -> None:
@@ -56,11 +57,12 @@ def bias_of(spec: TransformerSpec, node: ir.Node) -> ir.Value | None:
             init, _ = flow.source_initializer(node.inputs[2])
             return init
         return None
-    consumers = node.outputs[0].consumers()
+    out = reshaped_forward(node.outputs[0])
+    consumers = out.consumers()
     if len(consumers) != 1 or consumers[0].op_type != "Add":
         return None
     add = consumers[0]
-    other = add.inputs[1] if add.inputs[0] is node.outputs[0] else add.inputs[0]
+    other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
     init, _ = flow.source_initializer(other)
     return init if init is not None and len(init.const_value.shape) == 1 else None
 

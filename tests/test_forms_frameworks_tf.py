@@ -32,9 +32,14 @@ from helpers import assert_close_to_scale
 FRAMEWORKS = Path(__file__).resolve().parents[1] / "models" / "frameworks"
 # the true configuration of each form (models/build_frameworks.py)
 CONFIGS = {
-    "tf2onnx-gpt2": dict(hidden_size=32, num_heads=4, num_layers=2, ffn_size=64, vocab_size=256),
-    "keras-gpt": dict(hidden_size=32, num_heads=4, num_layers=2, ffn_size=64, vocab_size=256),
-    "keras-bert": dict(hidden_size=32, num_heads=4, num_layers=2, ffn_size=64, vocab_size=256),
+    # GPT-2: tables 256x32 + 64x32, per layer 2 norms, qkv 32x96+96, o 32x32+32, FFN 32x64+64 and 64x32+32; ln_f
+    "tf2onnx-gpt2": dict(hidden_size=32, num_heads=4, num_layers=2, ffn_size=64, vocab_size=256,
+                         num_parameters=27392),
+    # Keras: the same tables, per layer q, k, v, o with biases, 2 norms, FFN; a norm and a head 32x256+256
+    "keras-gpt": dict(hidden_size=32, num_heads=4, num_layers=2, ffn_size=64, vocab_size=256,
+                      num_parameters=35584),
+    "keras-bert": dict(hidden_size=32, num_heads=4, num_layers=2, ffn_size=64, vocab_size=256,
+                       num_parameters=35584),
 }
 FORMS = sorted(CONFIGS)
 PRE_NORM = ["keras-gpt", "tf2onnx-gpt2"]  # identity blocks exist for pre-norm models only
