@@ -145,6 +145,8 @@ def weight_of(flow: ShapeFlow, node: ir.Node):
     if is_packed_weight_attention(node):
         init, _ = flow.source_initializer(node.inputs[1])
         return (init, 1) if init is not None else None
+    if node.op_type == "Einsum":
+        return einsum_weight(flow, node)
     if node.op_type not in ("MatMul", "Gemm"):
         return None
     for i in (1, 0):
@@ -155,6 +157,32 @@ def weight_of(flow: ShapeFlow, node: ir.Node):
         if init is not None and (len(shape) == 2 or (i == 1 and is_matrix(shape))):
             return init, i
     return None
+
+
+def einsum_weight(flow: ShapeFlow, node: ir.Node):
+    """(kernel, input index) of a two-operand Einsum of an activation by a weight of rank >= 2 (Keras'
+    MultiHeadAttention: "abc,cde->abde" by [hidden, heads, head_dim], "abcd,cde->abe" by
+    [heads, head_dim, hidden]), else None."""
+    if len(node.inputs) != 2 or "->" not in (attr_value(node, "equation") or ""):
+        return None
+    for i in (1, 0):
+        init, perm = flow.source_initializer(node.inputs[i])
+        if init is not None and perm is None and len(init.const_value.shape) >= 2 and \
+                flow.source_initializer(node.inputs[1 - i])[0] is None:
+            return init, i
+    return None
+
+
+def einsum_axes(node: ir.Node, index: int) -> tuple[list[int], list[int]]:
+    """(summed, kept) axes of the Einsum's operand `index`: its letters missing from the output or not."""
+    terms, output = attr_value(node, "equation").replace(" ", "").split("->")
+    term = terms.split(",")[index]
+    return [a for a, c in enumerate(term) if c not in output], [a for a, c in enumerate(term) if c in output]
+
+
+def attr_value(node: ir.Node, name: str):
+    a = node.attributes.get(name)
+    return None if a is None else a.value
 
 
 def is_matrix(shape) -> bool:
@@ -758,8 +786,7 @@ def head_geometry(flow: ShapeFlow, att: Attention, qk: ir.Node):
 
 def heads_from(flow: ShapeFlow, att: Attention, head_axes: list[Dim], head_dim: Dim):
     """(kv_heads, group, head_dim) from the axes of the query that count heads (see head_geometry)."""
-    k_weight = weight_of(flow, att.k_proj)[0]
-    k_atoms = {id(a) for a in atoms(flow.dims[k_weight][out_axis(flow, att.k_proj)])}
+    k_atoms = {id(a) for d in out_dims(flow, att.k_proj) for a in atoms(d)}
     # a single kv head (multi-query attention) is a real factor of size 1; a static batch is no head
     token_axes = {id(d) for d in flow.token_axes()}
     head_factors = [f for d in head_axes for f in factors(d)
@@ -781,16 +808,29 @@ def attr_axis(node):
     return 0 if a is None else a.value
 
 
+def out_dims(flow, node) -> list[Dim]:
+    """The weight's axes that the projection's output keeps (one, or heads and head_dim of an Einsum)."""
+    w, i = weight_of(flow, node)
+    if node.op_type == "Einsum":
+        return [flow.dims[w][a] for a in einsum_axes(node, i)[1]]
+    return [flow.dims[w][out_axis(flow, node)]]
+
+
 def out_axis(flow, node) -> int:
-    """Axis of the weight that is the projection's output (the one of its last two not contracted)."""
-    w, _ = weight_of(flow, node)
+    """Axis of the weight that is the projection's output (the one of its last two not contracted;
+    an Einsum's last kept axis)."""
+    w, i = weight_of(flow, node)
+    if node.op_type == "Einsum":
+        return einsum_axes(node, i)[1][-1]
     last = len(w.const_value.shape) - 1
     contracted = flow.contracted.get(w.name, set())
     return (2 * last - 1) - next(iter(contracted)) if contracted else last
 
 
 def contracted_dim(flow, node) -> Dim:
-    w, _ = weight_of(flow, node)
+    w, i = weight_of(flow, node)
+    if node.op_type == "Einsum":  # [heads, head_dim, hidden] sums over heads x head_dim
+        return product_of([flow.dims[w][a] for a in einsum_axes(node, i)[0]]).root()
     last = len(w.const_value.shape) - 1
     return flow.dims[w][(2 * last - 1) - out_axis(flow, node)]
 

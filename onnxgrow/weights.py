@@ -43,7 +43,8 @@ from .views import reshaped_forward
 def projection(spec: TransformerSpec, node: ir.Node, role: str, roles: dict) -> None:
     """The weight (as [out, in]) and the bias of one projection node."""
     weight, _ = weight_of(spec.flow, node)
-    roles[role] = (weight.name, out_axis(spec.flow, node) == len(weight.const_value.shape) - 1)
+    # an Einsum kernel ([hidden, heads, head_dim]) is written as stored
+    roles[role] = (weight.name, node.op_type != "Einsum" and out_axis(spec.flow, node) == len(weight.const_value.shape) - 1)
     bias = bias_of(spec, node)
     if bias is not None:
         roles[role + ".bias"] = (bias.name, False)

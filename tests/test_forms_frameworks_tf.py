@@ -217,3 +217,75 @@ def test_einsum_projection_by_a_3d_kernel_is_followed():
     x, w, y = (flow.dims[v] for v in (model.graph.inputs[0], model.graph.initializers["kernel"], model.graph.outputs[0]))
     assert same(x[2], w[0]) and same(y[2], w[1]) and same(y[3], w[2]) and same(y[0], x[0])
     assert flow.contracted["kernel"] == {0}
+
+
+# --- MultiHeadAttention's einsums kept as Einsum: 3-D kernels [hidden, heads, head_dim], biases [heads, head_dim]
+
+def einsum_gpt(path: Path) -> Path:
+    """One pre-norm block as Keras' MultiHeadAttention computes it, with its einsums left as Einsum nodes
+    (tf2onnx rewrote them to Gemm over reshaped kernels in the exports above): hidden 16, 4 heads of 4."""
+    rng = np.random.default_rng(7)
+    hidden, heads, head_dim, ffn, vocab = 16, 4, 4, 32, 256
+
+    def w(name, *shape, scale=0.3, offset=0.0):
+        return onnx.numpy_helper.from_array((offset + rng.normal(0, scale, shape)).astype(np.float32), name)
+    make = helper.make_node
+    nodes = [make("Cast", ["ids"], ["ids64"], to=onnx.TensorProto.INT64), make("Gather", ["emb", "ids64"], ["x"]),
+             make("LayerNormalization", ["x", "g1", "b1"], ["h"], axis=-1)]
+    for name in "qkv":
+        nodes += [make("Einsum", ["h", f"w{name}"], [f"{name}0"], equation="abc,cde->abde"),
+                  make("Add", [f"{name}0", f"b{name}"], [name])]
+    nodes += [make("Transpose", ["q"], ["qt"], perm=[0, 2, 1, 3]), make("Transpose", ["k"], ["kt"], perm=[0, 2, 3, 1]),
+              make("Transpose", ["v"], ["vt"], perm=[0, 2, 1, 3]), make("MatMul", ["qt", "kt"], ["s0"]),
+              make("Mul", ["s0", "scale"], ["s"]), make("Softmax", ["s"], ["p"], axis=-1),
+              make("MatMul", ["p", "vt"], ["c"]), make("Transpose", ["c"], ["ct"], perm=[0, 2, 1, 3]),
+              make("Einsum", ["ct", "wo"], ["o0"], equation="abcd,cde->abe"), make("Add", ["o0", "bo"], ["o"]),
+              make("Add", ["x", "o"], ["r"]), make("LayerNormalization", ["r", "g2", "b2"], ["h2"], axis=-1),
+              make("MatMul", ["h2", "wu"], ["u0"]), make("Add", ["u0", "bu"], ["u"]), make("Relu", ["u"], ["a"]),
+              make("MatMul", ["a", "wd"], ["d0"]), make("Add", ["d0", "bd"], ["d"]), make("Add", ["r", "d"], ["r2"]),
+              make("LayerNormalization", ["r2", "gf", "bf"], ["hf"], axis=-1), make("MatMul", ["hf", "wh"], ["logits"])]
+    inits = [w("emb", vocab, hidden), w("g1", hidden, offset=1.0, scale=0.1), w("b1", hidden, scale=0.1),
+             *[w(f"w{n}", hidden, heads, head_dim) for n in "qkv"], *[w(f"b{n}", heads, head_dim, scale=0.1) for n in "qkv"],
+             onnx.numpy_helper.from_array(np.array(head_dim ** -0.5, np.float32), "scale"),
+             w("wo", heads, head_dim, hidden), w("bo", hidden, scale=0.1), w("g2", hidden, offset=1.0, scale=0.1),
+             w("b2", hidden, scale=0.1), w("wu", hidden, ffn), w("bu", ffn, scale=0.1), w("wd", ffn, hidden),
+             w("bd", hidden, scale=0.1), w("gf", hidden, offset=1.0, scale=0.1), w("bf", hidden, scale=0.1),
+             w("wh", hidden, vocab)]
+    graph = helper.make_graph(nodes, "einsum-gpt",
+                              [helper.make_tensor_value_info("ids", onnx.TensorProto.INT32, ["batch", "sequence"])],
+                              [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["batch", "sequence", vocab])],
+                              inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_einsum_form_gives_its_configuration(tmp_path):
+    got = onnxgrow.inspect(einsum_gpt(tmp_path / "einsum.onnx"))
+    assert (got["hidden_size"], got["num_heads"], got["head_dim"], got["ffn_size"], got["vocab_size"]) == (16, 4, 4, 32, 256)
+
+
+def test_einsum_form_hypercloning_resizes_the_3d_kernels_on_their_heads_and_hidden_axes(tmp_path):
+    source, out = einsum_gpt(tmp_path / "einsum.onnx"), tmp_path / "wide.onnx"
+    onnx.save(onnxgrow.widen(source, 2), out)
+    report = validate(source, out, shapes=SHAPES)
+    assert report.passed, report.to_dict()
+    assert_close_to_scale(report, rtol=RTOL)
+    shapes = {t.name: list(t.dims) for t in onnx.load(str(out)).graph.initializer}
+    assert shapes["wq"] == [32, 8, 4] and shapes["bq"] == [8, 4] and shapes["wo"] == [8, 4, 32]
+
+
+def test_einsum_form_deepens_exactly_and_trains(tmp_path):
+    from rich.console import Console
+    from onnxgrow import training
+    source, deep = einsum_gpt(tmp_path / "einsum.onnx"), tmp_path / "deep.onnx"
+    onnx.save(onnxgrow.deepen(source, factor=2), deep)
+    report = validate(source, deep, shapes=SHAPES)
+    assert report.passed and all(o.max_abs_diff == 0.0 for o in report.outputs), report.to_dict()
+    text = tmp_path / "text.txt"
+    text.write_text("abcdefghij" * 40, encoding="utf-8")
+    trained = tmp_path / "trained.onnx"
+    summary = training.train(source, text, use_bytes=True, steps=2, batch=2, seq=8, lr=1e-2, output=trained,
+                             console=Console(file=io.StringIO()))
+    assert len(summary["losses"]) == 2 and all(np.isfinite(summary["losses"]))
+    feeds = make_inputs(source, 1, 6)
+    assert not np.allclose(run_model(source, feeds, "cpu")["logits"], run_model(trained, feeds, "cpu")["logits"])
