@@ -58,7 +58,8 @@ def main():
     from conftest import load_builder, ZOO
     zoo = [] if args.paths and not args.only else load_builder().build_zoo(ZOO, args.only)
     entries = [dict(name=e["name"], file=ZOO / e["path"]) for e in zoo if "error" not in e]
-    entries += [dict(name=path.parent.name, file=path) for path in args.paths]
+    # a genai folder holds model.onnx: named by its folder; a file of its own by its name
+    entries += [dict(name=path.parent.name if path.name == "model.onnx" else path.stem, file=path) for path in args.paths]
     tmp = Path(tempfile.mkdtemp())
     print("### Width: max abs diff / min cosine / top-1 agreement (logits)\n")
     print("| model | hypercloning x2 | fpi x1.5 | aki x1.5 | pad x1.5 | pad x1.5, noise 0.01 |")

@@ -20,7 +20,7 @@ from .metadata import IO_MAP_KEY, IO_NAMES_KEY
 from .normalize import unique_name
 from .fusednorms import MARK, fuse_split_norms, is_skip_norm, mark_plain_norms, optional, split_skip_norms
 from .structure import TransformerSpec, consumers_forward, find_structure, skip_view, weight_of
-from .views import PASS_THROUGH, RESHAPES, look_through
+from .views import PASS_THROUGH, RESHAPES, look_through, reshaped_forward
 
 
 @dataclass
@@ -206,9 +206,10 @@ def output_projections(spec: TransformerSpec, block) -> list[str]:
             bias, _ = spec.flow.source_initializer(proj.inputs[2])  # through its Cast, if any
             names.append(proj.inputs[2].name if bias is None else bias.name)  # none: refused as shared
         names += fused_output_biases(spec, proj.outputs[0])
-        for c in proj.outputs[0].consumers():
+        out = reshaped_forward(proj.outputs[0])
+        for c in out.consumers():
             if c.op_type == "Add":
-                other = c.inputs[1] if c.inputs[0] is proj.outputs[0] else c.inputs[0]
+                other = c.inputs[1] if c.inputs[0] is out else c.inputs[0]
                 init, _ = spec.flow.source_initializer(other)
                 if init is not None:
                     names.append(init.name)

@@ -137,8 +137,59 @@ def unshare_params(graph: ir.Graph) -> None:
                     node.replace_input_with(i, own)
 
 
+# Ops that pass on or pick from a shape vector; folded when their inputs are weights' shapes
+SHAPE_PICKS = frozenset({"Gather", "ReduceProd", "Concat", "Squeeze", "Unsqueeze", "Cast", "Slice"})
+
+
+def fold_weight_shapes(graph: ir.Graph) -> None:
+    """Keras' MultiHeadAttention (through tf2onnx) reshapes its kernels [hidden, heads, head_dim] at
+    run time, to targets computed from Shape nodes of the kernels themselves. A weight's shape is a
+    constant: such a chain (Shape of an initializer, picks from it, the Reshape of a weight by it) is
+    folded into initializers, so the reshaped kernel is a weight like any other and the picked sizes
+    are literals the analysis gives a meaning (and a resize rewrites)."""
+    from onnx.reference import ReferenceEvaluator
+    folded: set[str] = set()
+    for node in list(graph):
+        if node.domain not in ("", "ai.onnx") or not node.inputs or len(node.outputs) != 1:
+            continue
+        inputs = [v for v in node.inputs if v is not None]
+        if not all(v.is_initializer() for v in inputs):
+            continue
+        is_weight_shape = node.op_type == "Shape"
+        picks = node.op_type in SHAPE_PICKS and any(v.name in folded for v in inputs)
+        reshaped = node.op_type == "Reshape" and inputs[1].name in folded
+        if not (is_weight_shape or picks or reshaped):
+            continue
+        proto = ir.serde.serialize_node(node)
+        arrays = {v.name: v.const_value.numpy() for v in inputs}
+        result = ReferenceEvaluator(onnx_node_model(proto, arrays)).run(None, arrays)[0]
+        out = node.outputs[0]
+        value = ir.Value(name=unique_name(graph, out.name or "folded"), shape=ir.Shape(result.shape),
+                         type=ir.TensorType(ir.DataType.from_numpy(result.dtype)), const_value=ir.tensor(result))
+        graph.register_initializer(value)
+        out.replace_all_uses_with(value)
+        folded.add(value.name)
+        if reshaped:  # the weight as exported is the kernel: export/import-weights keep its layout
+            graph.meta.setdefault("onnxgrow_aliases", {})[value.name] = inputs[0].name
+            graph.meta.setdefault("onnxgrow_relaid", set()).add(inputs[0].name)
+        graph.remove(node, safe=True)
+        for v in inputs:  # a kernel read only for its shape is no weight of the model
+            if not v.uses() and not v.is_graph_input() and not v.is_graph_output():
+                graph.initializers.pop(v.name, None)
+
+
+def onnx_node_model(node_proto, arrays: dict):
+    import onnx
+    from onnx import helper
+    inputs = [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
+              for k, a in arrays.items()]
+    outputs = [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node_proto.output]
+    return helper.make_model(helper.make_graph([node_proto], "fold", inputs, outputs))
+
+
 def normalize(model: ir.Model) -> ir.Model:
     lift_constants(model.graph)
+    fold_weight_shapes(model.graph)
     inline_identity_params(model.graph)
     unshare_params(model.graph)
     unshare_small_ints(model.graph)

@@ -145,13 +145,49 @@ def weight_of(flow: ShapeFlow, node: ir.Node):
     if is_packed_weight_attention(node):
         init, _ = flow.source_initializer(node.inputs[1])
         return (init, 1) if init is not None else None
+    if node.op_type == "Einsum":
+        return einsum_weight(flow, node)
     if node.op_type not in ("MatMul", "Gemm"):
         return None
     for i in (1, 0):
         init, _ = flow.source_initializer(node.inputs[i])
-        if init is not None and len(init.const_value.shape) == 2:
+        shape = init.const_value.shape if init is not None else ()
+        # leading unit axes only on the right of activations x weight: rotary frequencies [1, d, 1] on
+        # the left of positions are no projection
+        if init is not None and (len(shape) == 2 or (i == 1 and is_matrix(shape))):
             return init, i
     return None
+
+
+def einsum_weight(flow: ShapeFlow, node: ir.Node):
+    """(kernel, input index) of a two-operand Einsum of an activation by a weight of rank >= 2 (Keras'
+    MultiHeadAttention: "abc,cde->abde" by [hidden, heads, head_dim], "abcd,cde->abe" by
+    [heads, head_dim, hidden]), else None."""
+    if len(node.inputs) != 2 or "->" not in (attr_value(node, "equation") or ""):
+        return None
+    for i in (1, 0):
+        init, perm = flow.source_initializer(node.inputs[i])
+        if init is not None and perm is None and len(init.const_value.shape) >= 2 and \
+                flow.source_initializer(node.inputs[1 - i])[0] is None:
+            return init, i
+    return None
+
+
+def einsum_axes(node: ir.Node, index: int) -> tuple[list[int], list[int]]:
+    """(summed, kept) axes of the Einsum's operand `index`: its letters missing from the output or not."""
+    terms, output = attr_value(node, "equation").replace(" ", "").split("->")
+    term = terms.split(",")[index]
+    return [a for a, c in enumerate(term) if c not in output], [a for a, c in enumerate(term) if c in output]
+
+
+def attr_value(node: ir.Node, name: str):
+    a = node.attributes.get(name)
+    return None if a is None else a.value
+
+
+def is_matrix(shape) -> bool:
+    """2-D, or 2-D behind leading axes of size 1 (tf2onnx stores a folded, transposed head [1, in, out])."""
+    return len(shape) >= 2 and all(s == 1 for s in shape[:-2])
 
 
 def is_projection(flow: ShapeFlow, node: ir.Node) -> bool:
@@ -319,11 +355,11 @@ def find_embeddings(g: ir.Graph, flow: ShapeFlow) -> Embeddings:
             if t is not None and len(t.shape) == 2 and t.dtype.is_floating_point():
                 gathers.append(node)
                 tables[id(node)] = table
-    direct = [n for n in gathers if ids_source(n.inputs[1]).is_graph_input()]
+    direct = [n for n in gathers if input_ids_of(n) is not None]
     if not direct:
         raise no_token_embedding(g, gathers, tables)
     # the largest table is the tokens', unless its input is named for positions or token types
-    token = max(direct, key=lambda n: (role_by_name(ids_source(n.inputs[1]).name) is None,
+    token = max(direct, key=lambda n: (role_by_name(input_ids_of(n).name) is None,
                                        tables[id(n)].const_value.shape[0]))
     token_table = tables[id(token)]
     tie_copies(g, flow, token_table)
@@ -338,7 +374,18 @@ def find_embeddings(g: ir.Graph, flow: ShapeFlow) -> Embeddings:
     log.debug("token embedding %r (vocab %s, hidden %s) at Gather %r; position table %r; token-type table %r",
               token_table.name, vocab.size, hidden.size, token.name, position and position.name,
               types and types.name)
-    return Embeddings(token_table, position, hidden, vocab, types, ids_source(token.inputs[1]))
+    return Embeddings(token_table, position, hidden, vocab, types, input_ids_of(token))
+
+
+def input_ids_of(gather: ir.Node) -> ir.Value | None:
+    """The graph input a lookup's ids are, directly, reshaped, or wrapped for negative indices (Keras
+    writes where(ids < 0, ids + vocab, ids) as Cast, Less, Mul and Add on int32 ids); None for ids
+    counted in the graph (positions) or taken from constants."""
+    direct = ids_source(gather.inputs[1])
+    if direct.is_graph_input():
+        return direct
+    counters, _, inputs = id_sources(gather.inputs[1])
+    return inputs[0] if len(inputs) == 1 and not counters else None
 
 
 # com.microsoft EmbedLayerNormalization (onnxruntime.transformers.optimizer's BERT): the lookups of all
@@ -718,12 +765,12 @@ def tie_copies(g: ir.Graph, flow: ShapeFlow, table: ir.Value) -> None:
     t = table.const_value
     for v in g.initializers.values():
         c = v.const_value
-        if v is table or c.size != t.size or len(c.shape) != 2 or c.dtype != t.dtype:
+        if v is table or c.size != t.size or not is_matrix(c.shape) or c.dtype != t.dtype:
             continue
         if same_values(v, table):
             rows, cols = flow.dims[table]
-            a, b = flow.dims[v]
-            if tuple(c.shape) == tuple(t.shape) and np.array_equal(c.numpy(), t.numpy()):
+            a, b = flow.dims[v][-2:]
+            if tuple(c.shape[-2:]) == tuple(t.shape) and np.array_equal(matrix_view(c.numpy()), t.numpy()):
                 unify(a, rows), unify(b, cols)
             else:  # stored transposed
                 unify(a, cols), unify(b, rows)
@@ -739,8 +786,7 @@ def head_geometry(flow: ShapeFlow, att: Attention, qk: ir.Node):
 
 def heads_from(flow: ShapeFlow, att: Attention, head_axes: list[Dim], head_dim: Dim):
     """(kv_heads, group, head_dim) from the axes of the query that count heads (see head_geometry)."""
-    k_weight = weight_of(flow, att.k_proj)[0]
-    k_atoms = {id(a) for a in atoms(flow.dims[k_weight][out_axis(flow, att.k_proj)])}
+    k_atoms = {id(a) for d in out_dims(flow, att.k_proj) for a in atoms(d)}
     # a single kv head (multi-query attention) is a real factor of size 1; a static batch is no head
     token_axes = {id(d) for d in flow.token_axes()}
     head_factors = [f for d in head_axes for f in factors(d)
@@ -762,17 +808,31 @@ def attr_axis(node):
     return 0 if a is None else a.value
 
 
+def out_dims(flow, node) -> list[Dim]:
+    """The weight's axes that the projection's output keeps (one, or heads and head_dim of an Einsum)."""
+    w, i = weight_of(flow, node)
+    if node.op_type == "Einsum":
+        return [flow.dims[w][a] for a in einsum_axes(node, i)[1]]
+    return [flow.dims[w][out_axis(flow, node)]]
+
+
 def out_axis(flow, node) -> int:
-    """Axis of the weight that is the projection's output (the one not contracted)."""
-    w, _ = weight_of(flow, node)
+    """Axis of the weight that is the projection's output (the one of its last two not contracted;
+    an Einsum's last kept axis)."""
+    w, i = weight_of(flow, node)
+    if node.op_type == "Einsum":
+        return einsum_axes(node, i)[1][-1]
+    last = len(w.const_value.shape) - 1
     contracted = flow.contracted.get(w.name, set())
-    return 1 - next(iter(contracted)) if contracted else 1
+    return (2 * last - 1) - next(iter(contracted)) if contracted else last
 
 
 def contracted_dim(flow, node) -> Dim:
-    w, _ = weight_of(flow, node)
-    axis = 1 - out_axis(flow, node)
-    return flow.dims[w][axis]
+    w, i = weight_of(flow, node)
+    if node.op_type == "Einsum":  # [heads, head_dim, hidden] sums over heads x head_dim
+        return product_of([flow.dims[w][a] for a in einsum_axes(node, i)[0]]).root()
+    last = len(w.const_value.shape) - 1
+    return flow.dims[w][(2 * last - 1) - out_axis(flow, node)]
 
 
 def order_gate(ups):
@@ -788,13 +848,18 @@ def same_values(a: ir.Value, b: ir.Value) -> bool:
     ta, tb = a.const_value, b.const_value
     if ta.size != tb.size:
         return False
-    x, y = ta.numpy(), tb.numpy()
+    x, y = matrix_view(ta.numpy()), matrix_view(tb.numpy())
     if x.ndim != 2 or y.ndim != 2:
         return x.shape == y.shape and np.array_equal(x, y)
 
     def equal(p, q):  # a few rows first: different tables differ there, and a full pass is costly
         return np.array_equal(p[:4], q[:4]) and np.array_equal(p, q)
     return (x.shape == y.shape and equal(x, y)) or (x.shape == y.T.shape and equal(x.T, y))
+
+
+def matrix_view(x: np.ndarray) -> np.ndarray:
+    """A weight with leading unit axes as the matrix it is."""
+    return x.reshape(x.shape[-2:]) if x.ndim > 2 and is_matrix(x.shape) else x
 
 
 def has_rotation(att: Attention) -> bool:
@@ -860,6 +925,8 @@ def find_norms(g: ir.Graph, flow: ShapeFlow, hidden: Dim) -> list[Norm]:
             scale, bias = (param_name(flow, node, i) for i in (1, 2))
             out, scale2, bias2 = affine_after(flow, node.outputs[0], hidden)
             norms.append(Norm(kind, node.inputs[0], out, scale or scale2, bias or bias2))
+        elif node.op_type in MEAN_POOLS and (moments := moments_norm(flow, node, hidden)) is not None:
+            norms.append(moments)
         elif node.op_type == "ReduceMean":
             x = node.inputs[0]
             src = x.producer()
@@ -876,13 +943,65 @@ def find_norms(g: ir.Graph, flow: ShapeFlow, hidden: Dim) -> list[Norm]:
                 base = src.inputs[0]
                 p = base.producer()
                 if p is not None and p.op_type == "Sub" and p.inputs[1].producer() is not None \
-                        and p.inputs[1].producer().op_type == "ReduceMean":
+                        and p.inputs[1].producer().op_type in MEAN_POOLS:
                     continue  # the variance inside a decomposed LayerNorm
                 normed = [c for c in base.consumers() if c.op_type in ("Mul", "Div") and c is not src]
                 if normed:
                     out, scale, bias = affine_after(flow, normed[0].outputs[0], hidden)
                     norms.append(Norm("rmsnorm", base, out, scale, bias))
     return norms
+
+
+# A mean over the hidden axis: ReduceMean, or (tf2onnx) GlobalAveragePool of [batch, seq, hidden]
+MEAN_POOLS = frozenset({"ReduceMean", "GlobalAveragePool"})
+
+
+def moments_norm(flow: ShapeFlow, mean: ir.Node, hidden: Dim) -> Norm | None:
+    """A LayerNorm as TensorFlow's batch-norm arithmetic writes it (tf.nn.moments, then
+    x * f + (beta - mean * f) with f = gamma / sqrt(var + eps)), at the node of its mean: the mean
+    also feeds the variance, a mean of (x - mean)^2. Found by dataflow: the output is the Add after
+    x * f where f comes from that variance; gamma multiplies into f, beta is added on the other side."""
+    x = mean.inputs[0]
+    shape = flow.dims.get(x) or []
+    if not shape or not same(shape[-1], hidden):
+        return None
+    variance = next((v for c in mean.outputs[0].consumers() if c.op_type == "Sub" and c.inputs[0] is x
+                     for sq in c.outputs[0].consumers() if is_square(sq, c.outputs[0])
+                     for v in sq.outputs[0].consumers() if v.op_type in MEAN_POOLS), None)
+    if variance is None:
+        return None
+    from_variance = lambda v: v is not None and bool(producers_back(v, lambda n: n is variance))  # noqa: E731
+    scaled = next((c for c in x.consumers() if c.op_type == "Mul" and c is not mean
+                   and from_variance(c.inputs[1] if c.inputs[0] is x else c.inputs[0])), None)
+    if scaled is None or len(scaled.outputs[0].consumers()) != 1:
+        return None
+    out_add = scaled.outputs[0].consumers()[0]
+    if out_add.op_type != "Add":
+        return None
+    factor = scaled.inputs[1] if scaled.inputs[0] is x else scaled.inputs[0]
+    shift = out_add.inputs[1] if out_add.inputs[0] is scaled.outputs[0] else out_add.inputs[0]
+    scale = hidden_operand(flow, factor, hidden, ("Mul",), (mean, variance))
+    bias = hidden_operand(flow, shift, hidden, ("Add", "Sub"), (mean, variance))
+    out, scale2, bias2 = affine_after(flow, out_add.outputs[0], hidden)
+    return Norm("layernorm", x, out, scale or scale2, bias or bias2)
+
+
+def is_square(node: ir.Node, v: ir.Value) -> bool:
+    return (node.op_type == "Mul" and node.inputs[0] is v and node.inputs[1] is v) or (
+        node.op_type == "Pow" and node.inputs[0] is v)
+
+
+def hidden_operand(flow: ShapeFlow, v: ir.Value, hidden: Dim, ops: tuple, moments: tuple) -> str | None:
+    """The initializer measuring hidden that an `ops` node between the norm's `moments` and `v`
+    takes (gamma, beta); the walk stops at the moments, so it never reaches an earlier layer."""
+    def weight(n):
+        for i in n.inputs:
+            init = flow.source_initializer(i)[0] if i is not None else None
+            if init is not None and flow.dims.get(i) and same(flow.dims[i][-1], hidden):
+                return init
+        return None
+    found = producers_back(v, lambda n: n in moments or (n.op_type in ops and weight(n) is not None))
+    return next((weight(n).name for n in found if n not in moments), None)
 
 
 def skip_norm(flow: ShapeFlow, node: ir.Node) -> Norm:

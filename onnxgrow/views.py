@@ -37,3 +37,12 @@ def look_through(value: ir.Value, ops) -> ir.Value:
         value = node.inputs[0]
         node = value.producer()
     return value
+
+
+def reshaped_forward(value: ir.Value) -> ir.Value:
+    """The same elements after the reshapes `value` alone feeds (tf2onnx's tensordot reshapes a
+    projection's [b*s, out] back to [b, s, out] before its bias Add)."""
+    while len(value.consumers()) == 1 and value.consumers()[0].op_type in RESHAPES - {"Expand"} \
+            and value.consumers()[0].inputs[0] is value:
+        value = value.consumers()[0].outputs[0]
+    return value

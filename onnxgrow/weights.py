@@ -37,12 +37,14 @@ from .bridge import FLOAT_TYPES, as_proto, load_ir, store, tensor_from_ir
 from .errors import OnnxgrowError
 from .metadata import ROLES_KEY
 from .structure import TransformerSpec, is_packed_weight_attention, out_axis, weight_of
+from .views import reshaped_forward
 
 
 def projection(spec: TransformerSpec, node: ir.Node, role: str, roles: dict) -> None:
     """The weight (as [out, in]) and the bias of one projection node."""
     weight, _ = weight_of(spec.flow, node)
-    roles[role] = (weight.name, out_axis(spec.flow, node) == 1)
+    # an Einsum kernel ([hidden, heads, head_dim]) is written as stored
+    roles[role] = (weight.name, node.op_type != "Einsum" and out_axis(spec.flow, node) == len(weight.const_value.shape) - 1)
     bias = bias_of(spec, node)
     if bias is not None:
         roles[role + ".bias"] = (bias.name, False)
@@ -69,10 +71,12 @@ def bias_of(spec: TransformerSpec, node: ir.Node) -> ir.Value | None:
             return None
         init, _ = flow.source_initializer(fused.inputs[index])
         return init
+    out = reshaped_forward(node.outputs[0])
+    consumers = out.consumers()
     if len(consumers) != 1 or consumers[0].op_type != "Add":
         return None
     add = consumers[0]
-    other = add.inputs[1] if add.inputs[0] is node.outputs[0] else add.inputs[0]
+    other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
     init, _ = flow.source_initializer(other)
     return init if init is not None and len(init.const_value.shape) == 1 else None
 
@@ -135,7 +139,20 @@ def spec_and_roles(model, extra=None) -> tuple[ir.Model, TransformerSpec, dict[s
         added = extra(spec)
         roles = {r: v for r, v in roles.items() if not (r.startswith("other.") and v in added.values())} | added
     # in the graph as exported such a parameter is its twin: the roles share that initializer
-    return m, spec, {role: (aliases.get(name, name), t) for role, (name, t) in roles.items()}
+    relaid = spec.model.graph.meta.get("onnxgrow_relaid", set())
+    exported = {role: as_exported(name, aliases) for role, (name, _) in roles.items()}
+    # a kernel reshaped at run time (Keras' MultiHeadAttention) is written in its stored layout
+    return m, spec, {role: (exported[role], t and exported[role] not in relaid) for role, (_, t) in roles.items()}
+
+
+def as_exported(name: str, aliases: dict) -> str:
+    """The initializer a normalized copy's parameter is in the model as exported (aliases chain:
+    an unshared copy of a weight folded from a kernel's reshape)."""
+    seen = set()
+    while name in aliases and name not in seen:
+        seen.add(name)
+        name = aliases[name]
+    return name
 
 
 def export_weights(model, out_path, *, force: bool = False) -> Path:
@@ -148,7 +165,7 @@ def export_weights(model, out_path, *, force: bool = False) -> Path:
     with progress.task("reading the weights", total=len(roles), unit="tensors") as advance:
         for role, (name, transposed) in roles.items():
             t = tensor_from_ir(m.graph.initializers[name].const_value)
-            tensors[role] = t.t().contiguous() if transposed else t
+            tensors[role] = t.transpose(-1, -2).contiguous() if transposed else t  # [1, in, out] too
             meta[role] = {"initializer": name, "transposed": transposed}
             advance()
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -191,7 +208,7 @@ def assignments(roles: dict, tensors: dict, strict: bool) -> dict[str, torch.Ten
         if role not in roles:
             continue
         name, transposed = roles[role]
-        value = value.t() if transposed else value
+        value = value.transpose(-1, -2) if transposed else value
         if name in out and not torch.equal(out[name], value):
             raise OnnxgrowError(f"{role} and another role share initializer {name!r} but hold different values")
         out[name] = value

@@ -305,9 +305,11 @@ def test_microsoft_contrib_activations_keep_the_shape():
     assert flow.problems == [] and dims(flow, "y") == dims(flow, "x")
 
 
-def test_constant_nodes_and_einsum_are_problems():
+def test_constant_nodes_and_einsum_with_an_ellipsis_are_problems():
+    flow = build([node("Einsum", ["x", "x"], ["y"], equation="...j,...j->...j")], [("x", ["b", 8])])
+    assert ["ellipsis" in p.reason for p in flow.problems] == [True]
     flow = build([node("Einsum", ["x", "x"], ["y"], equation="ij,ij->ij")], [("x", ["b", 8])])
-    assert [p.reason for p in flow.problems] == ["Einsum is not analysed"]
+    assert flow.problems == [] and same(dims(flow, "y")[1], dims(flow, "x")[1])
     flow = build([node("Constant", [], ["c"], value_ints=[1, 2]), node("Relu", ["x"], ["y"])],
                  [("x", ["b", 8])])
     assert ["lifted" in p.reason for p in flow.problems] == [True]

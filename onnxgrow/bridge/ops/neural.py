@@ -123,6 +123,12 @@ def reduce(dev, a, x, axes):
     return out if out.dtype.is_floating_point else out.to(x.dtype)  # torch sums ints into int64
 
 
+@OPS.register("GlobalAveragePool")  # tf2onnx's LayerNorm moments: the mean over every axis after the first two
+def global_average_pool(dev, a, x):
+    x = f32(x)
+    return x.mean(tuple(range(2, x.dim())), keepdim=True)
+
+
 @OPS.register(*REDUCE_OPS)
 def reduce_axes_attribute(dev, a, x):
     return reduce(dev, a, x, a.get("axes"))

@@ -12,9 +12,11 @@ still names the Dims it computes:
 
 from __future__ import annotations
 
+import math
+
 import onnx_ir as ir
 
-from ...dims import Dim, factors, product_of
+from ...dims import Dim, factors, product_of, same, unify
 from ...registry import MICROSOFT
 from ..core import RULES, SMALL_INT_TENSOR, Elem, Meaning, attr
 
@@ -108,6 +110,11 @@ def element_arithmetic(flow, node, op: str, x: Elem, y: Elem) -> Elem:
     elif x.value is not None and y.value is not None:
         value = ARITH[op](x.value, y.value)
     dim = None
+    if op in ("Max", "Min") and x.dim is not None and y.dim is not None and (
+            same(x.dim, y.dim) or (x.dim.size == y.dim.size and x.dim.size not in (None, 1))):
+        # tf2onnx's BatchMatMul takes the broadcast batch size as Max of two sizes that must agree
+        unify(x.dim, y.dim)
+        return Elem(dim=x.dim, value=x.value)
     if op == "Mul":
         dim = multiply(flow, node, x, y)
     elif op == "Div" and x.dim is not None and y.literal:
@@ -155,6 +162,21 @@ def reduce(flow, node, ins):
     if not axes and axes is not None and attr(node, "noop_with_empty_axes", 0):
         return flow.out(node, list(x))
     reduced(flow, node, x, range(len(x)) if axes is None else axes)
+    if node.op_type == "ReduceProd" and len(x) == 1:
+        shape_product(flow, node)
+
+
+def shape_product(flow, node):
+    """ReduceProd of a shape vector (tf2onnx flattens [batch, seq] to batch * seq with it): the
+    product of the sizes it picks, a product Dim when each is a Dim."""
+    es = flow.elems(node.inputs[0])
+    if not es:
+        return
+    value = math.prod(e.value for e in es) if all(e.value is not None for e in es) else None
+    dim = product_of([e.dim for e in es]) if all(e.dim is not None for e in es) else None
+    if dim is None and value is None:
+        dim = Dim(None)
+    flow.vals[node.outputs[0]] = [Elem(dim=dim, value=value)]
 
 
 @RULES.register("ArgMax", "ArgMin")

@@ -45,4 +45,27 @@ def gemm(flow, node, ins):
 
 @RULES.register("Einsum")
 def einsum(flow, node, ins):
-    flow.fail(node, "Einsum is not analysed")
+    """An explicit equation ("abc,cde->abde": Keras' MultiHeadAttention projection by a [hidden, heads,
+    head_dim] kernel): axes under one letter are one Dim; a weight's letters missing from the output
+    are summed over (contracted)."""
+    equation = (attr(node, "equation") or "").replace(" ", "")
+    if "->" not in equation or "." in equation:
+        return flow.fail(node, "Einsum without an explicit output, or with an ellipsis, is not analysed")
+    if any(s is None for s in ins):
+        return flow.fail(node, "input shape unknown")
+    terms, output = equation.split("->")
+    terms = terms.split(",")
+    if len(terms) != len(ins) or any(len(t) != len(s) for t, s in zip(terms, ins)):
+        return flow.fail(node, "the equation does not fit the inputs' ranks")
+    by_letter: dict[str, Dim] = {}
+    for term, shape in zip(terms, ins):
+        for letter, d in zip(term, shape):
+            if letter not in by_letter or by_letter[letter].size == 1:
+                by_letter[letter] = d
+            elif d.size != 1:
+                unify(by_letter[letter], d)
+    for i, term in enumerate(terms):
+        for axis, letter in enumerate(term):
+            if letter not in output:
+                flow.mark_contracted(node.inputs[i], axis)
+    flow.out(node, [by_letter[letter] for letter in output])

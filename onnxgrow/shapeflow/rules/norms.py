@@ -24,3 +24,13 @@ def layer_norm(flow, node, ins):
     flow.out(node, list(x))
     for i in range(1, len(node.outputs)):  # mean and inverse std: the normalized axes become 1
         flow.out(node, x[:axis] + [Dim(1)] * (len(x) - axis), i)
+
+
+# tf2onnx writes a LayerNorm's moments (tf.nn.moments over the last axis of [batch, seq, hidden]) as
+# GlobalAveragePool, which averages every axis after the first two: over hidden, in a 3-D tensor
+@RULES.register("GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
+def global_pool(flow, node, ins):
+    x = ins[0]
+    if x is None or len(x) < 3:
+        return flow.fail(node, "input shape unknown")
+    flow.out(node, list(x[:2]) + [Dim(1)] * (len(x) - 2))

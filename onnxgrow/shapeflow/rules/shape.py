@@ -76,6 +76,9 @@ def consume(flow, seq, pos, e: Elem, node, reverse=False):
         if reverse:
             want = list(reversed(want))
         for w in want:
+            while pos < len(seq) and seq[pos].size == 1 and seq[pos].root().kind is None and w.size != 1 \
+                    and seq[pos].root() is not w.root():
+                pos += 1  # a unit axis (tf2onnx's unsqueezed einsum axes) multiplies nothing, as in take()
             if pos < len(seq) and (seq[pos].root() is w.root() or seq[pos].size == w.size):
                 unify(seq[pos], w)
                 pos += 1
