@@ -237,6 +237,39 @@ def race_arm(model: Path, corpus: Path, setting: Setting, lr: float, seed: int, 
             "windows": {k: (len(v) if not isinstance(v, int) else v) for k, v in splits.items()}}
 
 
+# --- runs shared between processes ----------------------------------------------------------------------
+# `--cache DIR`: two processes (say width with recipe auto, and width with recipe none) share the random
+# arm's runs instead of each training it. A run is keyed by what defines it, not by the model's bytes,
+# and a process that finds another one training the same run waits for its result.
+CACHE: Path | None = None
+
+
+def cache_key(setting: Setting, *parts) -> str:
+    import hashlib
+    config = {k: v for k, v in asdict(setting).items() if k not in ("recipes", "lrs_grown", "groups", "seeds")}
+    return hashlib.sha1(json.dumps([config, *parts], default=str).encode()).hexdigest()[:16]
+
+
+def cached_race(setting: Setting, key_parts: tuple, *args, **kwargs) -> dict:
+    """race_arm(*args, **kwargs), or the result another process stored under the same key."""
+    if CACHE is None:
+        return race_arm(*args, **kwargs)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    key = cache_key(setting, *key_parts)
+    done, pending = CACHE / f"{key}.json", CACHE / f"{key}.pending"
+    try:
+        pending.open("x").close()  # claim it; a claim that exists means someone else is training it
+    except FileExistsError:
+        while not done.exists():
+            time.sleep(5)
+    if done.exists():
+        print(f"  {kwargs.get('label', '')}: from the cache ({key})", flush=True)
+        return json.loads(done.read_text())
+    result = race_arm(*args, **kwargs)
+    done.write_text(json.dumps(result))
+    return result
+
+
 def tuned(runs: dict[float, dict]) -> float:
     """The rate whose run ends lowest on the tuning split (never on the report split)."""
     return min(runs, key=lambda lr: runs[lr]["tune"][-1][1])
@@ -337,11 +370,12 @@ def race_group(group, arms, setting, workdir, corpus, tokens, sources, runs, res
         made["random", k] = workdir / f"{group}-random-seed{k}.onnx"
         make_random(made[0, k], made["random", k], seed=k + 1)
     # seed 0 tunes: the random arm, then every (arm, recipe)
-    trials = {lr: race_arm(made["random", 0], corpus, setting, lr, 0, label=f"{group}/random tune")
-              for lr in setting.lrs_random}
+    trials = {lr: cached_race(setting, (group, "random", 0, lr), made["random", 0], corpus, setting, lr, 0,
+                              label=f"{group}/random tune") for lr in setting.lrs_random}
     lr_random = tuned(trials)
-    scratch = [trials[lr_random]] + [race_arm(made["random", k], corpus, setting, lr_random, k,
-                                              label=f"{group}/random seed {k}") for k in range(1, setting.seeds)]
+    scratch = [trials[lr_random]] + [cached_race(setting, (group, "random", k, lr_random), made["random", k], corpus,
+                                                 setting, lr_random, k, label=f"{group}/random seed {k}")
+                                     for k in range(1, setting.seeds)]
     tuning = {"random": {lr: r["tune"][-1][1] for lr, r in trials.items()}}
     for k, r in enumerate(scratch):
         runs[f"{group}/random/seed{k}"] = r
@@ -528,6 +562,7 @@ def merge(paths: list[Path]) -> dict:
 
 
 def main(argv=None):
+    global CACHE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/onnxgrow-growth"))
@@ -541,6 +576,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="every target arm's steps")
     parser.add_argument("--recipes", default=None, help="comma list of train recipes for the grown arms")
     parser.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="share the random arms' runs with other processes through this folder")
     parser.add_argument("--merge", nargs="+", type=Path, default=None,
                         help="instead of running: merge these growth.json files into WORKDIR")
     args = parser.parse_args(argv)
@@ -558,6 +595,7 @@ def main(argv=None):
     overrides = {"seeds": args.seeds, "steps": args.steps, "eval_every": args.eval_every,
                  "recipes": tuple(args.recipes.split(",")) if args.recipes else None}
     SETTINGS[args.setting] = replace(SETTINGS[args.setting], **{k: v for k, v in overrides.items() if v})
+    CACHE = args.cache
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
