@@ -590,8 +590,12 @@ def merge(paths: list[Path]) -> dict:
     """One report from runs of separate groups (same setting and source; later runs win)."""
     reports = [json.loads(Path(p).read_text()) for p in paths]
     merged = dict(reports[0], runs=[{k: r[k] for k in ("commit", "date", "config", "tuning")} for r in reports])
-    for key in ("results", "curves", "tuning_curves", "tuning"):
+    for key in ("results", "curves", "tuning_curves"):
         merged[key] = {k: v for r in reports for k, v in r.get(key, {}).items()}
+    merged["tuning"] = {}  # per group, the arms of every run (two runs of one group keep both arms' grids)
+    for r in reports:
+        for group, arms in r.get("tuning", {}).items():
+            merged["tuning"].setdefault(group, {}).update(arms)
     return merged
 
 
