@@ -153,7 +153,8 @@ def export_decoder(path: Path, sizes: dict, seq: int, seed: int = 0) -> None:
 def make_grown(kind: str, opts: dict, source: Path, out: Path, setting: Setting, tokens: np.ndarray,
                seed: int = 0) -> None:
     opts = dict(opts)
-    noise = setting.noise if opts.pop("noisy", False) else 0.0
+    noisy = opts.pop("noisy", False)
+    noise = (setting.noise if LEVERS["noise"] is None else LEVERS["noise"]) if noisy else 0.0
     m = modelio.load(source)
     if kind == "widen":
         m = api.widen_ir(m, noise=noise, seed=seed, **opts)
@@ -207,13 +208,31 @@ def eval_splits(train_tokens: np.ndarray, val_tokens: np.ndarray, window: int, c
 
 
 def race_arm(model: Path, corpus: Path, setting: Setting, lr: float, seed: int, recipe: str = "none",
-             label: str = "") -> dict:
+             label: str = "", lever: bool = False) -> dict:
     """Train `model` `setting.steps` at a constant rate after warmup (onnxgrow's Trainer, driven here so
-    that every evaluation scores both held-out splits); the two curves and the run's timing."""
+    that every evaluation scores both held-out splits); the two curves and the run's timing. `lever`:
+    apply the `--warmup` lever (grown arms only)."""
+    import torch
+
+    from onnxgrow import training
+    torch.manual_seed(seed)
+    plain_lr_at = training.lr_at
+    if lever and LEVERS["warmup"] is not None:
+        def lr_at(step, steps, lr, warmup_from=0.0, schedule="constant"):
+            assert schedule == "constant", "the benchmark's runs use the constant schedule"
+            warmup = warmup_steps(steps)
+            return lr * (warmup_from + (1 - warmup_from) * (step + 1) / warmup) if step < warmup else lr
+        training.lr_at = lr_at  # the Trainer looks it up at every step
+    try:
+        return _race(model, corpus, setting, lr, seed, recipe, label)
+    finally:
+        training.lr_at = plain_lr_at
+
+
+def _race(model: Path, corpus: Path, setting: Setting, lr: float, seed: int, recipe: str, label: str) -> dict:
     import torch
 
     from onnxgrow.training import Trainer
-    torch.manual_seed(seed)
     t = Trainer.build(modelio.load(model), corpus, use_bytes=True, steps=setting.steps, batch=setting.batch,
                       seq=setting.seq, lr=lr, device=torch.device("cpu"), seed=seed, recipe=recipe,
                       schedule="constant")
@@ -235,6 +254,53 @@ def race_arm(model: Path, corpus: Path, setting: Setting, lr: float, seed: int, 
     return {"lr": lr, "recipe": t.recipe.describe(), "seed": seed, "steps": setting.steps,
             "train_seconds": t.train_time, "tune": curves["tune"], "report": curves["report"],
             "windows": {k: (len(v) if not isinstance(v, int) else v) for k, v in splits.items()}}
+
+
+# --- runs shared between processes ----------------------------------------------------------------------
+# `--cache DIR`: two processes (say width with recipe auto, and width with recipe none) share the random
+# arm's runs instead of each training it. A run is keyed by what defines it, not by the model's bytes,
+# and a process that finds another one training the same run waits for its result.
+CACHE: Path | None = None
+# `--warmup N` / `--noise S`: recipe levers tried on the grown arms only (the random arm keeps the
+# protocol's schedule, and its runs stay shareable through the cache). None: the protocol's own.
+LEVERS: dict = {"warmup": None, "noise": None}
+
+
+def lever_suffix() -> str:
+    """How arm names say which levers were set, e.g. " [warmup 0, noise 0.22]"."""
+    set_ = [f"{k} {v:g}" for k, v in LEVERS.items() if v is not None]
+    return f" [{', '.join(set_)}]" if set_ else ""
+
+
+def warmup_steps(steps: int) -> int:
+    """onnxgrow.training.lr_at's warmup length, or the `--warmup` lever's (0: the full rate at once)."""
+    return max(1, min(100, steps // 20)) if LEVERS["warmup"] is None else LEVERS["warmup"]
+
+
+def cache_key(setting: Setting, *parts) -> str:
+    import hashlib
+    config = {k: v for k, v in asdict(setting).items() if k not in ("recipes", "lrs_grown", "groups", "seeds")}
+    return hashlib.sha1(json.dumps([config, *parts], default=str).encode()).hexdigest()[:16]
+
+
+def cached_race(setting: Setting, key_parts: tuple, *args, **kwargs) -> dict:
+    """race_arm(*args, **kwargs), or the result another process stored under the same key."""
+    if CACHE is None:
+        return race_arm(*args, **kwargs)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    key = cache_key(setting, *key_parts)
+    done, pending = CACHE / f"{key}.json", CACHE / f"{key}.pending"
+    try:
+        pending.open("x").close()  # claim it; a claim that exists means someone else is training it
+    except FileExistsError:
+        while not done.exists():
+            time.sleep(5)
+    if done.exists():
+        print(f"  {kwargs.get('label', '')}: from the cache ({key})", flush=True)
+        return json.loads(done.read_text())
+    result = race_arm(*args, **kwargs)
+    done.write_text(json.dumps(result))
+    return result
 
 
 def tuned(runs: dict[float, dict]) -> float:
@@ -337,22 +403,24 @@ def race_group(group, arms, setting, workdir, corpus, tokens, sources, runs, res
         made["random", k] = workdir / f"{group}-random-seed{k}.onnx"
         make_random(made[0, k], made["random", k], seed=k + 1)
     # seed 0 tunes: the random arm, then every (arm, recipe)
-    trials = {lr: race_arm(made["random", 0], corpus, setting, lr, 0, label=f"{group}/random tune")
-              for lr in setting.lrs_random}
+    trials = {lr: cached_race(setting, (group, "random", 0, lr), made["random", 0], corpus, setting, lr, 0,
+                              label=f"{group}/random tune") for lr in setting.lrs_random}
     lr_random = tuned(trials)
-    scratch = [trials[lr_random]] + [race_arm(made["random", k], corpus, setting, lr_random, k,
-                                              label=f"{group}/random seed {k}") for k in range(1, setting.seeds)]
+    scratch = [trials[lr_random]] + [cached_race(setting, (group, "random", k, lr_random), made["random", k], corpus,
+                                                 setting, lr_random, k, label=f"{group}/random seed {k}")
+                                     for k in range(1, setting.seeds)]
     tuning = {"random": {lr: r["tune"][-1][1] for lr, r in trials.items()}}
     for k, r in enumerate(scratch):
         runs[f"{group}/random/seed{k}"] = r
     for i, (name, _, _) in enumerate(arms):
         for recipe in setting.recipes:
-            key = f"{group}/{name}" + ("" if recipe == "auto" else f" (recipe {recipe})")
-            gtrials = {lr: race_arm(made[i, 0], corpus, setting, lr, 0, recipe, label=f"{key} tune")
+            key = f"{group}/{name}" + ("" if recipe == "auto" else f" (recipe {recipe})") + lever_suffix()
+            gtrials = {lr: race_arm(made[i, 0], corpus, setting, lr, 0, recipe, label=f"{key} tune", lever=True)
                        for lr in setting.lrs_grown}
             lr = tuned(gtrials)
             tuning[key] = {lr_: r["tune"][-1][1] for lr_, r in gtrials.items()}
-            arm_runs = [gtrials[lr]] + [race_arm(made[i, k], corpus, setting, lr, k, recipe, label=f"{key} seed {k}")
+            arm_runs = [gtrials[lr]] + [race_arm(made[i, k], corpus, setting, lr, k, recipe, label=f"{key} seed {k}",
+                                                 lever=True)
                                         for k in range(1, setting.seeds)]
             for k, r in enumerate(arm_runs):
                 runs[f"{key}/seed{k}"] = r
@@ -522,12 +590,17 @@ def merge(paths: list[Path]) -> dict:
     """One report from runs of separate groups (same setting and source; later runs win)."""
     reports = [json.loads(Path(p).read_text()) for p in paths]
     merged = dict(reports[0], runs=[{k: r[k] for k in ("commit", "date", "config", "tuning")} for r in reports])
-    for key in ("results", "curves", "tuning_curves", "tuning"):
+    for key in ("results", "curves", "tuning_curves"):
         merged[key] = {k: v for r in reports for k, v in r.get(key, {}).items()}
+    merged["tuning"] = {}  # per group, the arms of every run (two runs of one group keep both arms' grids)
+    for r in reports:
+        for group, arms in r.get("tuning", {}).items():
+            merged["tuning"].setdefault(group, {}).update(arms)
     return merged
 
 
 def main(argv=None):
+    global CACHE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/onnxgrow-growth"))
@@ -541,6 +614,10 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="every target arm's steps")
     parser.add_argument("--recipes", default=None, help="comma list of train recipes for the grown arms")
     parser.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="share the random arms' runs with other processes through this folder")
+    parser.add_argument("--warmup", type=int, default=None, help="lever: the grown arms' warmup steps (0: none)")
+    parser.add_argument("--noise", type=float, default=None, help="lever: the copying methods' noise scale")
     parser.add_argument("--merge", nargs="+", type=Path, default=None,
                         help="instead of running: merge these growth.json files into WORKDIR")
     args = parser.parse_args(argv)
@@ -558,6 +635,8 @@ def main(argv=None):
     overrides = {"seeds": args.seeds, "steps": args.steps, "eval_every": args.eval_every,
                  "recipes": tuple(args.recipes.split(",")) if args.recipes else None}
     SETTINGS[args.setting] = replace(SETTINGS[args.setting], **{k: v for k, v in overrides.items() if v})
+    CACHE = args.cache
+    LEVERS.update(warmup=args.warmup, noise=args.noise)
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)

@@ -60,3 +60,29 @@ def test_tuning_and_report_windows_are_disjoint_and_unseen():
     assert max(tune) + 20 <= min(report)  # no tuning window overlaps a report window
     assert not any(1480 < s < 1600 for s in report)  # the duplicated span is not reported on
     assert bench.tuned({1e-3: {"tune": [(0, 5.0), (9, 2.0)]}, 2e-3: {"tune": [(0, 5.0), (9, 1.5)]}}) == 2e-3
+
+
+def test_cache_returns_another_process_run_and_ignores_the_grown_arms_settings(tmp_path, monkeypatch):
+    bench = load_bench()
+    setting = bench.SETTINGS["smoke"]
+    monkeypatch.setattr(bench, "CACHE", tmp_path)
+    monkeypatch.setattr(bench, "race_arm", lambda *a, **k: {"trained": True})
+    # a run stored under the same key (another process's random arm) comes back without training
+    key = bench.cache_key(setting, "width", "random", 0, 3e-3)
+    (tmp_path / f"{key}.json").write_text(json.dumps({"trained": "elsewhere"}))
+    (tmp_path / f"{key}.pending").touch()
+    assert bench.cached_race(setting, ("width", "random", 0, 3e-3)) == {"trained": "elsewhere"}
+    # the grown arms' grid and recipes do not change the random arm's run; its own rate does
+    other = bench.replace(setting, lrs_grown=(9e-3,), recipes=("none",))
+    assert bench.cache_key(other, "width", "random", 0, 3e-3) == key
+    assert bench.cache_key(setting, "width", "random", 0, 1e-3) != key
+    assert bench.cached_race(setting, ("width", "random", 0, 1e-3)) == {"trained": True}
+
+
+def test_warmup_lever_sets_the_grown_arms_warmup_only(monkeypatch):
+    bench = load_bench()
+    monkeypatch.setitem(bench.LEVERS, "warmup", 0)
+    assert bench.warmup_steps(600) == 0
+    assert bench.lever_suffix() == " [warmup 0]"
+    monkeypatch.setitem(bench.LEVERS, "warmup", None)
+    assert bench.warmup_steps(600) == 30  # onnxgrow.training.lr_at's own: 5 % of the steps
