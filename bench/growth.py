@@ -614,6 +614,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="every target arm's steps")
     parser.add_argument("--recipes", default=None, help="comma list of train recipes for the grown arms")
     parser.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
+    parser.add_argument("--eval-windows", type=int, default=None,
+                        help="held-out windows per split (tuning and report), before dropping duplicates")
     parser.add_argument("--cache", type=Path, default=None,
                         help="share the random arms' runs with other processes through this folder")
     parser.add_argument("--warmup", type=int, default=None, help="lever: the grown arms' warmup steps (0: none)")
@@ -633,6 +635,7 @@ def main(argv=None):
         if arg:
             SETTINGS[args.setting] = replace(SETTINGS[args.setting], **{key: tuple(float(x) for x in arg.split(","))})
     overrides = {"seeds": args.seeds, "steps": args.steps, "eval_every": args.eval_every,
+                 "eval_windows": args.eval_windows,
                  "recipes": tuple(args.recipes.split(",")) if args.recipes else None}
     SETTINGS[args.setting] = replace(SETTINGS[args.setting], **{k: v for k, v in overrides.items() if v})
     CACHE = args.cache

@@ -254,6 +254,7 @@ def resize_array(old: np.ndarray, maps: list[np.ndarray], contracted: set[int], 
     new = old
     # the weight's spread sets the noise scale; skip the pass over the data when there is no noise
     std = float(old.std(dtype=np.float64)) if rule.noise > 0 and old.size else 0.0
+    noisy_axes = []
     for axis, m in enumerate(maps):
         if len(m) == old.shape[axis] and np.array_equal(m, np.arange(len(m))):
             continue
@@ -274,7 +275,11 @@ def resize_array(old: np.ndarray, maps: list[np.ndarray], contracted: set[int], 
                     new = new.copy()
                 np.divide(new, counts.reshape(shape).astype(new.dtype), out=new)
             if rule.noise > 0 and (counts > 1).any():
-                new = new + symmetric_noise(new.shape, axis, m, rule.noise * std, rng).astype(old.dtype)
+                noisy_axes.append(axis)
+    # after every gather, so that each copy of an output unit draws its own noise (as the reference
+    # does); noise drawn before the output axis is gathered would be copied along with the weights
+    for axis in noisy_axes:
+        new = new + symmetric_noise(new.shape, axis, maps[axis], rule.noise * std, rng).astype(old.dtype)
     return np.ascontiguousarray(new)
 
 

@@ -73,6 +73,18 @@ def test_noise_breaks_the_symmetry_between_copies(zoo):
     assert not np.allclose(w[:half], w[half:])  # the two copies now differ
 
 
+def test_each_output_copy_draws_its_own_noise():
+    """HyperCloning's reference draws noise independently for every output copy. Drawn before the output
+    axis is gathered, the copies of one output unit would get the same noise and stay identical."""
+    from onnxgrow.resize import WeightRule, resize_array
+    w = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)  # (in, out): axis 0 is summed over
+    tiled = np.arange(8) % 4
+    new = resize_array(w, [np.arange(6) % 3, tiled], {0}, WeightRule(divide_by_copies=True, noise=0.3),
+                       np.random.default_rng(1))
+    assert not np.allclose(new[:, :4], new[:, 4:])  # output copies differ
+    np.testing.assert_allclose(new[:3] + new[3:], np.tile(w, (1, 2)), atol=1e-6)  # input copies still sum to W
+
+
 def test_tied_embedding_stays_one_value(zoo):
     wide = weights(onnxgrow.widen(zoo["gpt2-ts17"]["file"], 2))
     table = wide["transformer.wte.weight"]
