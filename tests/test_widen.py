@@ -24,7 +24,7 @@ def exact_fp32(report) -> None:
     assert_close_to_scale(report)
 
 
-@pytest.mark.parametrize("factor,noise", [(2, 0.0), (3, 0.0), (2, 0.01), (3, 0.01)])
+@pytest.mark.parametrize("factor,noise", [(2, 0.0), (3, 0.0), (2, 0.01), (3, 0.01), (2, 0.5)])
 @pytest.mark.parametrize("name", SMALL_NAMES)
 def test_hypercloning_preserves_outputs(zoo, tmp_path, name, factor, noise):
     entry = zoo[name]
@@ -237,3 +237,18 @@ def test_injected_io_map_that_drops_a_source_index_is_caught(zoo, tmp_path, monk
     report = validate(source, out, provider="cpu")
     assert not report.passed
     assert any("only a subclone may drop indices" in o.note for o in report.outputs)
+
+
+def test_the_cli_widens_with_symmetry_breaking_noise_by_default(zoo, tmp_path):
+    """`onnxgrow widen` perturbs HyperCloning's copies by default (what kept the head start in training,
+    issue #16), still exactly: the written model passed validate. `--noise 0` keeps the copies equal."""
+    src = zoo["llama-gqa-dynamo18"]["file"]
+    runs = {}
+    for name, extra in (("default", []), ("plain", ["--noise", "0"])):
+        out = tmp_path / f"{name}.onnx"
+        result = runner.invoke(app, ["widen", str(src), "--factor", "2", "-o", str(out)] + extra)
+        assert result.exit_code == 0, result.output
+        runs[name] = weights(onnx.load(out))
+    plain, noisy = runs["plain"], runs["default"]
+    changed = [n for n in plain if plain[n].dtype == np.float32 and not np.array_equal(plain[n], noisy[n])]
+    assert len(changed) >= 7 * 2
