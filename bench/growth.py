@@ -69,7 +69,7 @@ class Setting:
     lrs_random: tuple        # grid for the random arms, tuned per group (target shape)
     lrs_grown: tuple         # grid for the grown arms, tuned per group and recipe
     source_lr: float
-    noise: float = 0.3
+    noise: float = 0.5       # HyperCloning's symmetric noise: widen's CLI default (issue #16)
     corpus_mb: float = 0     # cap on the corpus size; 0 = everything found
     site_packages: bool = False
     encoder_steps: int = 0   # MiniLM widen x2 vs random, masked LM; 0 = skip
