@@ -202,13 +202,9 @@ def write_checked(model, source: Path, output: Path, force: bool, exact: bool, v
     return reports[0] if reports else None
 
 
-# HyperCloning's copies start identical; symmetric noise (it cancels, so the function is unchanged) lets
-# them learn different things. On the growth benchmark (docs/BENCHMARKS.md, issue #16) s = 0.5, drawn
-# for each output copy, kept 0.96 of the head start at 4H against 0.71 at s = 0.3 and 0.30 at s = 0.15;
-# s = 0.5 and 0.8 tie on the tuning split, and 0.5 is the smaller change.
-HYPERCLONING_NOISE = 0.5
-WIDEN_NOISE_HELP = (f"symmetry-breaking noise on copied weights, fraction of each weight's std; it cancels, "
-                    f"so exact methods stay exact (default: {HYPERCLONING_NOISE:g} for hypercloning, else 0)")
+WIDEN_NOISE_HELP = ("symmetry-breaking noise on copied weights, fraction of each weight's std; it cancels, "
+                    "so exact methods stay exact (default: "
+                    f"{api.WIDTH_PASSES['hypercloning'].default_noise:g} for hypercloning, else 0)")
 
 
 @app.command()
@@ -231,7 +227,7 @@ def widen(model: Path = typer.Argument(..., help="source ONNX model"),
           as_json: bool = typer.Option(False, "--json", help=JSON_HELP)):
     """Make MODEL wider, starting from what it knows."""
     if noise is None:
-        noise = HYPERCLONING_NOISE if method == "hypercloning" else 0.0
+        noise = api.WIDTH_PASSES[method].default_noise if method in api.WIDTH_PASSES else 0.0
     parse_provider(provider)  # a misspelt provider is refused before the rewrite, not after it
     source, tolerance = load_source(model, dequantize, verify, provider)
     with progress.task("analysing the graph"):

@@ -52,6 +52,8 @@ class WidthPass(Pass):
     resizer)`, if a pass needs it, adjusts the resized weights (AKI borrows from the next layer).
     """
 
+    default_noise = 0.0  # the CLI's `--noise` when not given
+
     def plans(self, spec, sizes: dict, seed: int = 0) -> dict:
         raise NotImplementedError
 
